@@ -1,0 +1,46 @@
+# ltstudy: `make demo` runs the CPU demo study, `make test` the test suite.
+# Both create .venv with pinned dependencies first. GPU users: install the torch build for
+# your CUDA, e.g. `make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ltstudy-installed
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: setup demo test test-all lint format clean-results lock
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH_SPEC)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+demo: setup
+	$(BIN)/snakemake --profile workflow/profiles/demo all
+
+test: setup
+	$(BIN)/pytest -m "not slow"
+
+test-all: setup
+	$(BIN)/pytest
+
+lint: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean-results:
+	rm -rf results/runs results/data results/*.parquet reports/index.html reports/assets .snakemake
+
+lock:
+	$(PYTHON) -m venv /tmp/ltstudy-lock
+	/tmp/ltstudy-lock/bin/pip install --quiet $(TORCH_SPEC) -r requirements.in
+	/tmp/ltstudy-lock/bin/pip freeze --exclude torch | grep -v '^-e\|nvidia\|triton' > requirements.txt
+	rm -rf /tmp/ltstudy-lock

@@ -1,0 +1,3 @@
+from ltstudy.cli import main
+
+raise SystemExit(main())

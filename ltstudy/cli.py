@@ -1,0 +1,155 @@
+"""Command line: `ltstudy <command>` (or `python -m ltstudy <command>`).
+
+validate [CONFIG]         check a config and print its studies and run counts
+runs [CONFIG]             list run ids, one per line (with --targets: their output files)
+status [CONFIG]           the state of every run: done, running, failed (with reason), pending
+sizes                     parameter counts of every variant at every size preset
+stage STAGE RUN [CONFIG]  run one stage of one run in this process, without submitit
+report [--results R] [--reports P]   rebuild the HTML report from results tables
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+from ltstudy.config import ConfigError, expand_runs, load_config
+
+DEFAULT_CONFIG = "config/config.yaml"
+
+
+def _runs(path: str) -> dict[str, dict]:
+    return expand_runs(load_config(path))
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    runs = expand_runs(config)
+    per_study = Counter(s["study"] for s in runs.values())
+    print(f"{args.config}: valid, {len(runs)} runs")
+    for study in config["studies"]:
+        runs_in_study = per_study[study["name"]]
+        print(f"  {study['name']:<24} {runs_in_study:>5} runs  {study.get('description', '')}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from ltstudy.results.schemas import RUN_FILES
+
+    stage_file = {
+        "train": RUN_FILES["train_curves"],
+        "perplexity": RUN_FILES["perplexity"],
+        "passkey": RUN_FILES["passkey"],
+        "throughput": RUN_FILES["throughput"],
+    }
+    for run_id, spec in _runs(args.config).items():
+        if args.targets:
+            print(" ".join(f"{spec['run_dir']}/{stage_file[s]}" for s in spec["stages"]))
+        else:
+            print(run_id)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from ltstudy.results.collect import run_status
+
+    runs = _runs(args.config)
+    counts: Counter[str] = Counter()
+    for run_id, spec in runs.items():
+        state = run_status(spec)
+        counts[state["status"]] += 1
+        if args.all or state["status"] != "pending":
+            line = f"{state['status']:<8} {run_id}"
+            if state.get("error"):
+                line += f"\n         {state['error']}"
+            print(line)
+    print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    return 0
+
+
+def cmd_sizes(args: argparse.Namespace) -> int:
+    from ltstudy.models.presets import SIZES, resolve_model
+    from ltstudy.models.transformer import count_parameters
+    from ltstudy.models.variants import VARIANTS
+
+    ttt = {
+        "chunk_size": 1024,
+        "eta": 0.3,
+        "every": 6,
+        "layers": None,
+        "conv_kernel": 5,
+        "conv_padding": "chunk",
+        "target": "embeddings",
+        "w_target": True,
+        "clip_tau": None,
+        "clip_order": "after_eta",
+    }
+    header = f"{'size':<6}" + "".join(f"{v:>16}" for v in VARIANTS)
+    print(header + "\n" + "-" * len(header))
+    for size in SIZES:
+        counts = [count_parameters(resolve_model(v, size, {"ttt": ttt}))["total"] for v in VARIANTS]
+        print(f"{size:<6}" + "".join(f"{c:>16,}" for c in counts))
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from ltstudy.jobs import run_stage
+    from ltstudy.results.schemas import RUN_FILES
+
+    runs = _runs(args.config)
+    if args.run not in runs:
+        print(f"unknown run {args.run!r}; `ltstudy runs {args.config}` lists them", file=sys.stderr)
+        return 2
+    spec = runs[args.run]
+    table = {"perplexity": "perplexity", "passkey": "passkey", "throughput": "throughput"}
+    outputs = (
+        {"table": f"{spec['run_dir']}/{RUN_FILES[table[args.stage]]}"}
+        if args.stage in table
+        else {}
+    )
+    run_stage(args.stage, spec, outputs)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ltstudy.report.page import build_report
+
+    print(build_report(Path(args.results), Path(args.reports)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ltstudy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn in (("validate", cmd_validate), ("runs", cmd_runs), ("status", cmd_status)):
+        p = sub.add_parser(name)
+        p.add_argument("config", nargs="?", default=DEFAULT_CONFIG)
+        p.set_defaults(fn=fn)
+    sub.choices["runs"].add_argument(
+        "--targets", action="store_true", help="print each run's output files instead of its id"
+    )
+    sub.choices["status"].add_argument("--all", action="store_true", help="list pending runs too")
+    sub.add_parser("sizes").set_defaults(fn=cmd_sizes)
+    p = sub.add_parser("stage")
+    p.add_argument("stage", choices=["train", "perplexity", "passkey", "throughput"])
+    p.add_argument("run")
+    p.add_argument("config", nargs="?", default=DEFAULT_CONFIG)
+    p.set_defaults(fn=cmd_stage)
+    p = sub.add_parser("report")
+    p.add_argument("--results", default="results")
+    p.add_argument("--reports", default="reports")
+    p.set_defaults(fn=cmd_report)
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

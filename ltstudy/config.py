@@ -1,0 +1,285 @@
+"""Study configuration: validate against the JSON Schema, fill defaults, expand studies into runs.
+
+Everything here is torch-free so that Snakemake can parse the workflow quickly. A run spec is a
+plain JSON-serialisable dict: the complete, resolved description of one run. A run's results are a
+pure function of its spec (its `config_hash` identifies it).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from ltstudy.data.tokenizer import get_tokenizer
+from ltstudy.evaluate.passkey_prompt import min_prompt_length
+from ltstudy.models.presets import SIZES, resolve_model
+from ltstudy.models.variants import VARIANTS
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+STAGES = ("train", "perplexity", "passkey", "throughput")
+EVAL_STAGES = ("perplexity", "passkey", "throughput")
+RUN_FIELDS = ("variant", "size", "context", "seed")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the field."""
+
+
+def load_schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def load_config(path: str | Path) -> dict:
+    """Read a YAML config file and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return validate_config(raw, source=str(path))
+
+
+def _field(path: Iterable[Any]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<top level>"
+
+
+def _with_defaults(cls: type) -> type:
+    """A validator class that also fills in `default:` values (jsonschema FAQ recipe)."""
+    validate_properties = cls.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(cls, {"properties": set_defaults})
+
+
+def _raise_first(errors: list[jsonschema.ValidationError], source: str) -> None:
+    """Raise the error nearest the top of the document, naming its field."""
+    if not errors:
+        return
+    err = min(errors, key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
+    best = jsonschema.exceptions.best_match([err]) or err
+    raise ConfigError(f"{source}: config field `{_field(best.absolute_path)}`: {best.message}")
+
+
+def validate_config(raw: Mapping, source: str = "config") -> dict:
+    """Check `raw` against the schema and the registries; return a copy with defaults filled.
+
+    Raises ConfigError naming the first bad field.
+    """
+    schema = load_schema()
+    base = jsonschema.validators.validator_for(schema)
+    checker = base(schema)
+    _raise_first(list(checker.iter_errors(dict(raw))), source)
+
+    config = copy.deepcopy(dict(raw))
+    filler = _with_defaults(base)(schema)
+    top = {k: v for k, v in schema["properties"].items() if k != "studies"}
+    filler.evolve(schema={"type": "object", "properties": top}).validate(config)
+
+    _check_data(config, source)
+    expand_runs(config, source=source)  # validates every run's merged settings
+    return config
+
+
+def _check_data(config: dict, source: str) -> None:
+    corpus = config["data"]["corpus"]
+    if corpus != "embedded" and not Path(corpus).exists():
+        raise ConfigError(
+            f"{source}: config field `data.corpus`: {corpus!r} is neither 'embedded' nor an "
+            "existing file or folder"
+        )
+
+
+def deep_merge(base: Mapping, update: Mapping) -> dict:
+    """Recursive dict merge; values in `update` win, lists are replaced whole."""
+    out = copy.deepcopy(dict(base))
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _dotted(path: str, value: Any) -> dict:
+    node: Any = value
+    for part in reversed(path.split(".")):
+        node = {part: node}
+    return node
+
+
+def context_label(tokens: int) -> str:
+    """32768 -> '32k', 1048576 -> '1M'."""
+    for unit, suffix in ((1 << 20, "M"), (1 << 10, "k")):
+        if tokens % unit == 0:
+            return f"{tokens // unit}{suffix}"
+    return str(tokens)
+
+
+def _grid_points(grid: Mapping[str, list]) -> Iterator[dict[str, Any]]:
+    keys = list(grid)
+    for values in itertools.product(*(grid[k] for k in keys)):
+        yield dict(zip(keys, values, strict=True))
+
+
+def _run_name(settings: Mapping, point: Mapping[str, Any], explicit: str | None) -> str:
+    parts = [settings["variant"], settings["size"], context_label(settings["context"])]
+    for key, value in point.items():
+        if key in ("variant", "size", "context"):
+            continue
+        parts.append(f"{key.split('.')[-1]}{value}")
+    if explicit:
+        parts.append(explicit)
+    return "-".join(str(p) for p in parts)
+
+
+def config_hash(payload: Mapping) -> str:
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def expand_runs(config: Mapping, source: str = "config") -> dict[str, dict]:
+    """All runs of all studies, keyed by run id ('<study>/<name>'), each a resolved spec."""
+    schema = load_schema()
+    checker = jsonschema.validators.validator_for(schema)(schema)
+    settings_checker = checker.evolve(schema={"$ref": "#/$defs/settings"})
+    runs: dict[str, dict] = {}
+    seen_studies: set[str] = set()
+    for index, study in enumerate(config["studies"]):
+        where = f"studies[{index}]"
+        if study["name"] in seen_studies:
+            raise ConfigError(
+                f"{source}: config field `{where}.name`: duplicate study {study['name']!r}"
+            )
+        seen_studies.add(study["name"])
+        base = deep_merge(config["defaults"], study.get("overrides", {}))
+        known_sizes = {**SIZES, **config.get("sizes", {})}
+        for size in study.get("size_overrides", {}):
+            _check_choice(size, known_sizes, f"{where}.size_overrides", "size", source)
+        explicit = study.get("runs") or [{}]
+        for point in _grid_points(study.get("grid", {})):
+            from_grid: dict = {}
+            for key, value in point.items():
+                from_grid = deep_merge(from_grid, _dotted(key, value))
+            for entry in explicit:
+                extra = entry.get("overrides", {})
+                size = deep_merge(deep_merge(base, from_grid), extra)["size"]
+                by_size = study.get("size_overrides", {}).get(size, {})
+                settings = deep_merge(deep_merge(deep_merge(base, by_size), from_grid), extra)
+                run_where = f"{where} ({study['name']})"
+                _raise_first(list(settings_checker.iter_errors(settings)), f"{source}: {run_where}")
+                name = _run_name(settings, point, entry.get("name"))
+                run_id = f"{study['name']}/{name}"
+                if run_id in runs:
+                    raise ConfigError(
+                        f"{source}: config field `{where}`: two runs resolve to {run_id!r}; "
+                        "give explicit runs distinct names"
+                    )
+                runs[run_id] = resolve_run(config, study, name, settings, f"{source}: {run_where}")
+    return runs
+
+
+def _check_choice(value: str, known: Mapping, field: str, what: str, source: str) -> None:
+    if value not in known:
+        raise ConfigError(
+            f"{source}: config field `{field}`: unknown {what} {value!r} "
+            f"(known: {', '.join(sorted(known))})"
+        )
+
+
+def resolve_run(config: Mapping, study: Mapping, name: str, settings: dict, source: str) -> dict:
+    """Turn merged settings into a complete run spec, with semantic checks."""
+    _check_choice(settings["variant"], VARIANTS, "variant", "variant", source)
+    try:
+        model = resolve_model(
+            settings["variant"], settings["size"], settings["model"], config.get("sizes", {})
+        )
+    except KeyError as err:
+        raise ConfigError(f"{source}: config field `size`: {err.args[0]}") from None
+    except ValueError as err:
+        raise ConfigError(f"{source}: config field `model`: {err}") from None
+
+    train = dict(settings["train"])
+    tokens_per_step = train["batch_size"] * settings["context"]
+    if (train["steps"] is None) == (train["tokens"] is None):
+        raise ConfigError(f"{source}: config field `train`: give exactly one of steps or tokens")
+    if train["steps"] is None:
+        train["steps"] = math.ceil(train["tokens"] / tokens_per_step)
+    train["tokens"] = train["steps"] * tokens_per_step
+    micro = train["micro_batch_size"] or train["batch_size"]
+    if train["batch_size"] % micro:
+        raise ConfigError(
+            f"{source}: config field `train.micro_batch_size`: {micro} does not divide "
+            f"batch_size {train['batch_size']}"
+        )
+    train["micro_batch_size"] = micro
+    if train["warmup_steps"] > train["steps"]:
+        train["warmup_steps"] = train["steps"]
+
+    evaluate = copy.deepcopy(settings["evaluate"])
+    if evaluate["throughput"]["contexts"] is None:
+        evaluate["throughput"]["contexts"] = [settings["context"]]
+
+    perplexity = evaluate["perplexity"]
+    if perplexity["stride"] and perplexity["stride"] > min(perplexity["lengths"]):
+        raise ConfigError(
+            f"{source}: config field `evaluate.perplexity.stride`: {perplexity['stride']} is "
+            f"longer than the shortest length {min(perplexity['lengths'])}"
+        )
+    shortest = min_prompt_length(get_tokenizer(config["data"]["tokenizer"]))
+    too_short = min(evaluate["passkey"]["lengths"])
+    if too_short < shortest:
+        raise ConfigError(
+            f"{source}: config field `evaluate.passkey.lengths`: {too_short} is shorter than "
+            f"the bare prompt ({shortest} tokens)"
+        )
+
+    stages = list(study.get("stages", STAGES))
+    if ("passkey" in stages or "perplexity" in stages) and "train" not in stages:
+        raise ConfigError(
+            f"{source}: config field `stages`: perplexity and passkey evaluate a trained "
+            "model, so `train` must be a stage too"
+        )
+    results_dir = config.get("results_dir", "results")
+    run_id = f"{study['name']}/{name}"
+    identity = {
+        "variant": settings["variant"],
+        "size": settings["size"],
+        "context": settings["context"],
+        "seed": settings["seed"],
+        "model": model,
+        "train": train,
+        "data": config["data"],
+    }
+    return {
+        "run_id": run_id,
+        "study": study["name"],
+        "name": name,
+        **identity,
+        "evaluate": evaluate,
+        "stages": stages,
+        "resources": settings["resources"],
+        "launcher": config.get("launcher", "local"),
+        "config_hash": config_hash(identity),
+        "run_dir": str(Path(results_dir) / "runs" / study["name"] / name),
+        "data_dir": str(Path(results_dir) / "data"),
+    }

@@ -1,0 +1,30 @@
+"""What each stage does inside its job process. Heavy imports happen here, not in Snakemake."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+def run_stage(stage: str, payload: Mapping[str, Any], outputs: Mapping[str, str]) -> Any:
+    if stage == "data":
+        from ltstudy.data.dataset import build_dataset
+
+        return build_dataset(payload["data"], payload["data_dir"])["documents"]
+    if stage == "train":
+        from ltstudy.train import train
+
+        return train(payload)
+    if stage == "perplexity":
+        from ltstudy.evaluate.perplexity import evaluate_perplexity
+
+        return evaluate_perplexity(payload, outputs["table"])
+    if stage == "passkey":
+        from ltstudy.evaluate.passkey import evaluate_passkey
+
+        return evaluate_passkey(payload, outputs["table"])
+    if stage == "throughput":
+        from ltstudy.evaluate.throughput import evaluate_throughput
+
+        return evaluate_throughput(payload, outputs["table"])
+    raise ValueError(f"unknown stage {stage!r}")

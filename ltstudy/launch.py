@@ -1,0 +1,207 @@
+"""Run one stage of one run as a submitit job and wait for it.
+
+Snakemake runs with its local executor; each GPU rule calls `launch`, which submits the stage
+through submitit (Slurm on a cluster, local processes elsewhere, in-process for tests), waits,
+and raises `LaunchError` naming the run and the job's log when the job fails. Job logs and a
+status file per stage live in the run's folder:
+
+    <work_dir>/logs/<stage>/<job_id>_0_log.{out,err}
+    <work_dir>/status/<stage>.json   running | done | failed (+ reason, job id, log, timing)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from ltstudy.io import read_json, write_json
+
+LAUNCHERS = ("local", "slurm", "debug")
+# Snakemake resources that carry submitit/Slurm settings (strings may come from the profile's
+# default-resources; numbers are declared by each rule from the run's config).
+STRING_RESOURCES = ("slurm_partition", "slurm_account", "slurm_qos", "constraint")
+
+
+class LaunchError(RuntimeError):
+    """A stage's job failed; the message names the run and the job's log file."""
+
+
+class StageJob(submitit.helpers.Checkpointable):
+    """The picklable callable a submitit job runs: one stage for one payload.
+
+    Being Checkpointable makes Slurm requeue the job on preemption or time-out; a requeued
+    training job resumes from the checkpoint it wrote when it received the signal.
+    """
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def __call__(self, payload: Mapping[str, Any], outputs: Mapping[str, str]) -> Any:
+        from ltstudy.jobs import run_stage
+
+        return run_stage(self.stage, payload, outputs)
+
+
+def submitit_parameters(resources: Mapping[str, Any], launcher: str, name: str) -> dict[str, Any]:
+    """Map Snakemake/config resource names to the parameters of the chosen submitit executor."""
+    gpus = int(resources.get("gpu", 0) or 0)
+    common = {
+        "timeout_min": int(resources.get("runtime", 60)),
+        "gpus_per_node": gpus,
+        "tasks_per_node": int(resources.get("tasks_per_node", 1)),
+    }
+    if launcher == "local":
+        if int(resources.get("nodes", 1)) != 1:
+            raise LaunchError(
+                f"{name}: the local launcher runs on one node; set resources nodes: 1"
+            )
+        return {**common, "signal_delay_s": int(resources.get("signal_delay_s", 120))}
+    params = {
+        **common,
+        "name": name,
+        "nodes": int(resources.get("nodes", 1)),
+        "cpus_per_task": int(resources.get("cpus_per_task", 1)),
+        "mem_gb": math.ceil(int(resources.get("mem_mb", 1024)) / 1024),
+    }
+    if launcher == "slurm":
+        params["slurm_signal_delay_s"] = int(resources.get("signal_delay_s", 120))
+        for key in STRING_RESOURCES:
+            value = resources.get(key)
+            if value:
+                params["slurm_" + key.removeprefix("slurm_")] = str(value)
+    return params
+
+
+def make_executor(launcher: str, folder: Path, params: Mapping[str, Any]) -> submitit.Executor:
+    if launcher not in LAUNCHERS:
+        raise LaunchError(f"unknown launcher {launcher!r} (known: {', '.join(LAUNCHERS)})")
+    if launcher == "local":
+        executor = submitit.LocalExecutor(folder=folder)
+    else:
+        executor = submitit.AutoExecutor(folder=folder, cluster=launcher)
+    executor.update_parameters(**params)
+    return executor
+
+
+@contextlib.contextmanager
+def claimed_local_gpus(n: int) -> Iterator[list[int]]:
+    """Hold `n` GPUs of this machine for the job (lock files), so concurrent local jobs do not
+    all land on GPU 0 as submitit's local executor would place them."""
+    if n == 0:
+        yield []
+        return
+    import torch
+
+    total = torch.cuda.device_count()
+    if total < n:
+        raise LaunchError(f"the job asks for {n} GPU(s) but this machine has {total}")
+    lock_dir = Path(tempfile.gettempdir()) / "ltstudy-gpu-locks"
+    lock_dir.mkdir(exist_ok=True)
+    held: list[tuple[int, Any]] = []
+    try:
+        while len(held) < n:
+            for index in range(total):
+                if len(held) == n or any(i == index for i, _ in held):
+                    continue
+                handle = open(lock_dir / f"gpu{index}.lock", "w")  # noqa: SIM115
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    held.append((index, handle))
+                except BlockingIOError:
+                    handle.close()
+            if len(held) < n:
+                time.sleep(5)
+        yield [i for i, _ in held]
+    finally:
+        for _, handle in held:
+            handle.close()
+
+
+def status_path(work_dir: str | Path, stage: str) -> Path:
+    return Path(work_dir) / "status" / f"{stage}.json"
+
+
+def read_status(work_dir: str | Path, stage: str) -> dict[str, Any] | None:
+    path = status_path(work_dir, stage)
+    return read_json(path) if path.exists() else None
+
+
+def _short_reason(err: BaseException) -> str:
+    """The exception line of a failed job's traceback (submitit wraps it in '-----' rules)."""
+    text = str(err).strip()
+    if isinstance(err, submitit.core.utils.FailedJobError):
+        parts = [p for p in text.split("-" * 22) if "Traceback" in p]
+        lines = [ln.strip() for ln in (parts[-1] if parts else text).splitlines() if ln.strip()]
+        text = lines[-1] if lines else text
+    return text or type(err).__name__
+
+
+def launch(
+    stage: str,
+    payload: Mapping[str, Any],
+    *,
+    label: str,
+    work_dir: str | Path,
+    outputs: Mapping[str, str],
+    resources: Mapping[str, Any],
+    launcher: str,
+) -> Any:
+    """Submit `stage` for `payload`, wait for it, and check that it wrote its outputs."""
+    work_dir = Path(work_dir)
+    folder = work_dir / "logs" / stage
+    name = f"ltstudy-{stage}-{label}".replace("/", "-")
+    params = submitit_parameters(resources, launcher, name)
+    status = {
+        "stage": stage,
+        "run": label,
+        "launcher": launcher,
+        "status": "running",
+        "started": time.time(),
+    }
+    with claimed_local_gpus(params["gpus_per_node"] if launcher == "local" else 0) as gpus:
+        if gpus:
+            params["visible_gpus"] = gpus
+        executor = make_executor(launcher, folder, params)
+        job = executor.submit(StageJob(stage), dict(payload), dict(outputs))
+        log = str(job.paths.stdout)
+        status.update(job_id=str(job.job_id), log=log, stderr=str(job.paths.stderr))
+        write_json(status_path(work_dir, stage), status)
+        print(f"[ltstudy] {label} {stage}: {launcher} job {job.job_id}, log {log}", flush=True)
+        try:
+            result = job.result()
+        except (KeyboardInterrupt, SystemExit):
+            if launcher == "local":
+                job.cancel(check=False)
+            status.update(status="failed", reason="interrupted while waiting", finished=time.time())
+            write_json(status_path(work_dir, stage), status)
+            raise
+        except Exception as err:
+            reason = _short_reason(err)
+            status.update(status="failed", reason=reason, finished=time.time())
+            write_json(status_path(work_dir, stage), status)
+            raise LaunchError(
+                f"{label}: stage {stage} failed ({launcher} job {job.job_id}): {reason}\n"
+                f"  job log: {log}\n  job errors: {job.paths.stderr}"
+            ) from None
+    missing = [p for p in outputs.values() if not os.path.exists(p)]
+    if missing:
+        status.update(status="failed", reason=f"missing outputs {missing}", finished=time.time())
+        write_json(status_path(work_dir, stage), status)
+        raise LaunchError(f"{label}: stage {stage} finished without writing {missing}; see {log}")
+    status.update(
+        status="done",
+        finished=time.time(),
+        wall_s=time.time() - status["started"],
+        gpus=params["gpus_per_node"] * int(resources.get("nodes", 1)),
+    )
+    write_json(status_path(work_dir, stage), status)
+    return result

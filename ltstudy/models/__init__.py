@@ -1,0 +1,1 @@
+"""Models: configs, size presets, the variant registry and the decoder LM."""

@@ -1,0 +1,158 @@
+"""Altair charts of the results tables. Each takes an eager Polars frame, pre-aggregated so
+that no chart carries more than a few thousand rows, and returns a chart (or None if empty)."""
+
+from __future__ import annotations
+
+import altair as alt
+import polars as pl
+
+MAX_CURVE_POINTS = 200
+
+
+def leaderboard(
+    runs: pl.DataFrame, perplexity: pl.DataFrame, passkey: pl.DataFrame, throughput: pl.DataFrame
+) -> pl.DataFrame:
+    """One row per run: size, final training loss, perplexity at the training context and at
+    the longest evaluated length, passkey accuracy, prefill speed at the training context."""
+    board = runs.select(
+        "run_id", "study", "variant", "size", "context", "params", "status", "final_loss"
+    )
+    if perplexity.height:
+        at_ctx = (
+            perplexity.filter(pl.col("length") <= pl.col("context"))
+            .sort("length")
+            .group_by("run_id")
+            .last()
+            .select("run_id", pl.col("ppl").alias("ppl_at_context"))
+        )
+        longest = (
+            perplexity.sort("length")
+            .group_by("run_id")
+            .last()
+            .select(
+                "run_id",
+                pl.col("length").alias("longest_length"),
+                pl.col("ppl").alias("ppl_at_longest"),
+            )
+        )
+        board = board.join(at_ctx, on="run_id", how="left").join(longest, on="run_id", how="left")
+    if passkey.height:
+        acc = passkey.group_by("run_id").agg(pl.col("correct").mean().alias("passkey_accuracy"))
+        board = board.join(acc, on="run_id", how="left")
+    if throughput.height:
+        speed = throughput.filter(
+            (pl.col("mode") == "prefill") & (pl.col("seq_len") == pl.col("context"))
+        ).select("run_id", pl.col("tokens_per_s").alias("prefill_tokens_per_s"))
+        board = board.join(speed, on="run_id", how="left")
+    sort_key = "ppl_at_context" if "ppl_at_context" in board.columns else "run_id"
+    return board.sort(["study", sort_key], nulls_last=True)
+
+
+def perplexity_vs_length(perplexity: pl.DataFrame) -> alt.Chart | None:
+    if not perplexity.height:
+        return None
+    base = alt.Chart(perplexity.select("run_id", "study", "variant", "size", "length", "ppl"))
+    return (
+        base.mark_line(point=True)
+        .encode(
+            x=alt.X(
+                "length:Q", scale=alt.Scale(type="log", base=2), title="evaluation length (tokens)"
+            ),
+            y=alt.Y("ppl:Q", scale=alt.Scale(zero=False), title="perplexity"),
+            color=alt.Color("variant:N"),
+            detail="run_id:N",
+            tooltip=["run_id", "length", alt.Tooltip("ppl:Q", format=".3f")],
+        )
+        .properties(width=320, height=220)
+        .facet(column=alt.Column("size:N"), row=alt.Row("study:N"))
+    )
+
+
+def passkey_heatmaps(passkey: pl.DataFrame) -> alt.Chart | None:
+    if not passkey.height:
+        return None
+    cells = (
+        passkey.group_by("run_id", "variant", "study", "size", "length", "depth")
+        .agg(pl.col("correct").mean().alias("accuracy"), pl.len().alias("trials"))
+        .with_columns((pl.col("depth") * 100).round(0).cast(pl.Int64).alias("depth_pct"))
+    )
+    base = alt.Chart(cells)
+    return (
+        base.mark_rect()
+        .encode(
+            x=alt.X("length:O", title="prompt length (tokens)"),
+            y=alt.Y("depth_pct:O", title="needle depth (%)", sort="ascending"),
+            color=alt.Color("accuracy:Q", scale=alt.Scale(domain=[0, 1], scheme="viridis")),
+            tooltip=[
+                "run_id",
+                "length",
+                "depth_pct",
+                alt.Tooltip("accuracy:Q", format=".2f"),
+                "trials",
+            ],
+        )
+        .properties(width=160, height=160)
+        .facet(column=alt.Column("variant:N"), row=alt.Row("study:N"))
+    )
+
+
+def throughput_vs_context(throughput: pl.DataFrame) -> alt.Chart | None:
+    ok = throughput.filter(pl.col("status") == "ok")
+    if not ok.height:
+        return None
+    base = alt.Chart(
+        ok.select(
+            "run_id",
+            "study",
+            "variant",
+            "size",
+            "mode",
+            "seq_len",
+            "tokens_per_s",
+            "peak_memory_mb",
+        )
+    )
+    return (
+        base.mark_line(point=True)
+        .encode(
+            x=alt.X("seq_len:Q", scale=alt.Scale(type="log", base=2), title="context (tokens)"),
+            y=alt.Y("tokens_per_s:Q", scale=alt.Scale(type="log"), title="tokens / s"),
+            color="variant:N",
+            strokeDash="size:N",
+            detail="run_id:N",
+            tooltip=[
+                "run_id",
+                "seq_len",
+                alt.Tooltip("tokens_per_s:Q", format=",.0f"),
+                alt.Tooltip("peak_memory_mb:Q", format=",.0f"),
+            ],
+        )
+        .properties(width=320, height=220)
+        .facet(column=alt.Column("mode:N"), row=alt.Row("study:N"))
+    )
+
+
+def training_curves(curves: pl.DataFrame) -> alt.Chart | None:
+    if not curves.height:
+        return None
+    thinned = (
+        curves.with_columns(pl.col("step").max().over("run_id").alias("_last"))
+        .filter(
+            (pl.col("step") % (pl.col("_last") // MAX_CURVE_POINTS).clip(1) == 0)
+            | (pl.col("step") == pl.col("_last"))
+        )
+        .select("run_id", "study", "variant", "step", "tokens", "loss")
+    )
+    base = alt.Chart(thinned)
+    return (
+        base.mark_line()
+        .encode(
+            x=alt.X("step:Q"),
+            y=alt.Y("loss:Q", scale=alt.Scale(zero=False), title="training loss"),
+            color="variant:N",
+            detail="run_id:N",
+            tooltip=["run_id", "step", alt.Tooltip("loss:Q", format=".4f")],
+        )
+        .properties(width=420, height=220)
+        .facet(row=alt.Row("study:N"))
+    )

@@ -1,0 +1,148 @@
+"""Assemble report pages: one shared offline Vega bundle, one <div> per chart."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import polars as pl
+
+from ltstudy.io import atomic_path
+from ltstudy.report import charts
+from ltstudy.results.schemas import TABLES
+
+BUNDLE = "assets/vega-bundle.js"
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1400px; color: #222; }
+h1 { margin-bottom: 0.2rem; } h2 { margin-top: 2.5rem; border-bottom: 1px solid #ddd; }
+p.note { color: #555; max-width: 60rem; }
+table { border-collapse: collapse; font-size: 0.9rem; }
+th, td { padding: 0.25rem 0.6rem; border-bottom: 1px solid #eee; text-align: right; }
+th { background: #f4f4f4; } td.text, th.text { text-align: left; }
+.empty { color: #888; font-style: italic; }
+"""
+
+
+def write_vega_bundle(reports_dir: Path) -> Path:
+    """Vega, Vega-Lite and vega-embed as one classic script, written once for all pages."""
+    import vl_convert
+
+    path = reports_dir / BUNDLE
+    if not path.exists():
+        with atomic_path(path) as tmp:
+            tmp.write_text(vl_convert.javascript_bundle())
+    return path
+
+
+def read_table(results_dir: Path, table: str) -> pl.DataFrame:
+    path = results_dir / f"{table}.parquet"
+    if not path.exists():
+        return pl.DataFrame(schema=TABLES[table])
+    return pl.read_parquet(path)
+
+
+def _format(value: object, column: str) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if column in ("passkey_accuracy",):
+            return f"{value:.2f}"
+        if column.endswith("tokens_per_s"):
+            return f"{value:,.0f}"
+        return f"{value:.3f}"
+    if column == "params" and isinstance(value, int):
+        return f"{value / 1e6:,.1f}M"
+    return html.escape(str(value))
+
+
+def html_table(frame: pl.DataFrame) -> str:
+    text_columns = {c for c, t in frame.schema.items() if t == pl.String}
+    head = "".join(
+        f'<th class="{"text" if c in text_columns else ""}">{html.escape(c)}</th>'
+        for c in frame.columns
+    )
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f'<td class="{"text" if c in text_columns else ""}">{_format(v, c)}</td>'
+            for c, v in zip(frame.columns, row, strict=True)
+        )
+        + "</tr>"
+        for row in frame.iter_rows()
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def build_report(results_dir: str | Path, reports_dir: str | Path) -> Path:
+    """Write reports/index.html from results/*.parquet; return its path."""
+    results_dir, reports_dir = Path(results_dir), Path(reports_dir)
+    write_vega_bundle(reports_dir)
+    t = {name: read_table(results_dir, name) for name in TABLES}
+    board = charts.leaderboard(t["runs"], t["perplexity"], t["passkey"], t["throughput"])
+    sections = [
+        (
+            "Leaderboard",
+            "Runs sorted by validation perplexity at their training context. "
+            "Perplexity uses the sliding-window (stride) method; passkey accuracy is the mean over "
+            "the length x depth grid.",
+            html_table(board),
+            None,
+        ),
+        (
+            "Perplexity vs evaluation length",
+            "Lengths beyond the training context test extrapolation.",
+            None,
+            charts.perplexity_vs_length(t["perplexity"]),
+        ),
+        (
+            "Passkey retrieval",
+            "Accuracy per prompt length and needle depth (exact match of "
+            "the first generated integer).",
+            None,
+            charts.passkey_heatmaps(t["passkey"]),
+        ),
+        (
+            "Throughput vs context",
+            "Median tokens/s of a training step (forward + backward) and "
+            "of prefill, random weights; log-log.",
+            None,
+            charts.throughput_vs_context(t["throughput"]),
+        ),
+        (
+            "Training curves",
+            "Training loss per optimizer step.",
+            None,
+            charts.training_curves(t["train_curves"]),
+        ),
+    ]
+    body, scripts = [], []
+    for index, (title, note, table, chart) in enumerate(sections):
+        body.append(f'<h2>{html.escape(title)}</h2><p class="note">{html.escape(note)}</p>')
+        if table is not None:
+            body.append(table)
+        elif chart is None:
+            body.append('<p class="empty">No results for this section yet.</p>')
+        else:
+            body.append(f'<div class="chart" id="chart{index}"></div>')
+            spec = json.dumps(chart.to_dict())
+            scripts.append(
+                f'vegaEmbed("#chart{index}", {spec}, {{renderer: "svg", actions: false}});'
+            )
+    n_runs = t["runs"].height
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>ltstudy report</title>
+<style>{STYLE}</style><script src="{BUNDLE}"></script></head>
+<body><h1>ltstudy report</h1>
+<p class="note">{n_runs} runs from {html.escape(str(results_dir))}. Every chart is drawn from
+the Parquet tables in that folder; the pages work offline.</p>
+{"".join(body)}
+<script>
+{chr(10).join(scripts)}
+</script></body></html>
+"""
+    out = reports_dir / "index.html"
+    with atomic_path(out) as tmp:
+        tmp.write_text(page)
+    return out

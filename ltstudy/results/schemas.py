@@ -1,0 +1,117 @@
+"""The fixed schema of every results table.
+
+Per-run files and the collected `results/<table>.parquet` share one schema per table, so a
+table can be read back with `pl.read_parquet(path)` and checked with `check_schema`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from ltstudy.io import atomic_path
+
+IDENTITY = {
+    "run_id": pl.String,
+    "study": pl.String,
+    "variant": pl.String,
+    "size": pl.String,
+    "context": pl.Int64,
+}
+
+TABLES: dict[str, pl.Schema] = {
+    "train_curves": pl.Schema({
+        **IDENTITY,
+        "step": pl.Int64,
+        "tokens": pl.Int64,
+        "loss": pl.Float64,
+        "lr": pl.Float64,
+        "grad_norm": pl.Float64,
+        "tokens_per_s": pl.Float64,
+        "elapsed_s": pl.Float64,
+    }),
+    "perplexity": pl.Schema({
+        **IDENTITY,
+        "length": pl.Int64,
+        "stride": pl.Int64,
+        "windows": pl.Int64,
+        "tokens_scored": pl.Int64,
+        "nll": pl.Float64,
+        "ppl": pl.Float64,
+    }),
+    "passkey": pl.Schema({
+        **IDENTITY,
+        "length": pl.Int64,
+        "depth": pl.Float64,
+        "trial": pl.Int64,
+        "passkey": pl.String,
+        "prediction": pl.String,
+        "correct": pl.Boolean,
+    }),
+    "throughput": pl.Schema({
+        **IDENTITY,
+        "mode": pl.String,
+        "seq_len": pl.Int64,
+        "batch_size": pl.Int64,
+        "status": pl.String,
+        "tokens_per_s": pl.Float64,
+        "step_ms": pl.Float64,
+        "peak_memory_mb": pl.Float64,
+        "memory_kind": pl.String,
+        "device": pl.String,
+        "params": pl.Int64,
+    }),
+    "runs": pl.Schema({
+        "run_id": pl.String,
+        "study": pl.String,
+        "name": pl.String,
+        "variant": pl.String,
+        "size": pl.String,
+        "context": pl.Int64,
+        "seed": pl.Int64,
+        "config_hash": pl.String,
+        "params": pl.Int64,
+        "params_non_embedding": pl.Int64,
+        "status": pl.String,
+        "error": pl.String,
+        "train_steps": pl.Int64,
+        "train_tokens": pl.Int64,
+        "final_loss": pl.Float64,
+        "wall_s": pl.Float64,
+        "gpu_hours": pl.Float64,
+        "config": pl.String,
+    }),
+}
+
+# Per-run file of each table, relative to the run folder.
+RUN_FILES = {
+    "train_curves": "train_curve.parquet",
+    "perplexity": "perplexity.parquet",
+    "passkey": "passkey.parquet",
+    "throughput": "throughput.parquet",
+}
+
+
+def identity(spec: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: spec[k] for k in IDENTITY}
+
+
+def table_frame(table: str, rows: Iterable[Mapping[str, Any]]) -> pl.DataFrame:
+    return pl.DataFrame(list(rows), schema=TABLES[table], strict=False)
+
+
+def write_table(table: str, frame: pl.DataFrame | Iterable[Mapping[str, Any]], path: str | Path) -> None:
+    if not isinstance(frame, pl.DataFrame):
+        frame = table_frame(table, frame)
+    check_schema(table, frame.schema, where=str(path))
+    with atomic_path(path) as tmp:
+        frame.write_parquet(tmp)
+
+
+def check_schema(table: str, schema: pl.Schema, where: str = "") -> None:
+    expected = TABLES[table]
+    if schema != expected:
+        raise ValueError(f"{where or table}: schema {dict(schema)} differs from {table}'s {dict(expected)}")

@@ -1,0 +1,92 @@
+"""Shared fixtures: the repository root, a micro study config, a prepared micro dataset."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO_CONFIG = ROOT / "tests" / "configs" / "micro.yaml"
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def micro_raw() -> dict:
+    return yaml.safe_load(MICRO_CONFIG.read_text())
+
+
+def write_config(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def micro_data(tmp_path_factory) -> Path:
+    """A small tokenized corpus shared by tests that train."""
+    from ltstudy.config import load_config
+    from ltstudy.data.dataset import build_dataset
+
+    config = load_config(MICRO_CONFIG)
+    out = tmp_path_factory.mktemp("data")
+    build_dataset(config["data"], out)
+    return out
+
+
+def micro_spec(tmp_path: Path, data_dir: Path, run: str = "micro/full-micro-64", **train) -> dict:
+    from ltstudy.config import expand_runs, load_config
+
+    config = load_config(MICRO_CONFIG)
+    spec = copy.deepcopy(expand_runs(config)[run])
+    spec["train"].update(train)
+    spec["run_dir"] = str(tmp_path / "run")
+    spec["data_dir"] = str(data_dir)
+    return spec
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the real workflow (Snakefile of this repo) with `workdir` as its working directory."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [
+        str(BIN / "snakemake"),
+        "--snakefile",
+        str(ROOT / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--cores",
+        "2",
+        *args,
+    ]
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"snakemake failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+@pytest.fixture(scope="session")
+def study(tmp_path_factory):
+    """The micro study run once through the real workflow: (workdir, snakemake output)."""
+    workdir = tmp_path_factory.mktemp("study")
+    shutil.copy(MICRO_CONFIG, workdir / "micro.yaml")
+    proc = snakemake(workdir, "--configfile=micro.yaml", "all")
+    return workdir, proc.stdout + proc.stderr
+
+
+def chromium() -> str | None:
+    for name in (
+        os.environ.get("LTSTUDY_BROWSER"),
+        "chromium",
+        "chromium-browser",
+        "google-chrome",
+    ):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None

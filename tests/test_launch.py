@@ -1,0 +1,86 @@
+"""The submitit launcher: resource mapping, real local jobs, failures that name run and log."""
+
+import pytest
+
+from ltstudy.launch import LaunchError, launch, read_status, submitit_parameters
+from ltstudy.results.schemas import TABLES
+from tests.conftest import micro_spec
+
+RESOURCES = {
+    "gpu": 4,
+    "nodes": 2,
+    "tasks_per_node": 4,
+    "cpus_per_task": 16,
+    "mem_mb": 250000,
+    "runtime": 90,
+    "slurm_partition": "h100",
+    "slurm_account": "lab",
+    "constraint": "",
+    "signal_delay_s": 300,
+}
+
+
+def test_slurm_parameters():
+    params = submitit_parameters(RESOURCES, "slurm", "ltstudy-train-x")
+    assert params == {
+        "timeout_min": 90,
+        "gpus_per_node": 4,
+        "tasks_per_node": 4,
+        "name": "ltstudy-train-x",
+        "nodes": 2,
+        "cpus_per_task": 16,
+        "mem_gb": 245,
+        "slurm_signal_delay_s": 300,
+        "slurm_partition": "h100",
+        "slurm_account": "lab",
+    }
+    assert isinstance(params["timeout_min"], int)
+
+
+def test_local_parameters_always_set_timeout_and_gpus():
+    params = submitit_parameters({"gpu": 0, "runtime": 5}, "local", "x")
+    assert params["timeout_min"] == 5 and params["gpus_per_node"] == 0
+    with pytest.raises(LaunchError, match="one node"):
+        submitit_parameters({"nodes": 2}, "local", "x")
+
+
+def test_local_job_runs_a_stage_and_records_status(tmp_path, micro_data):
+    spec = micro_spec(tmp_path, micro_data)
+    out = tmp_path / "run" / "throughput.parquet"
+    launch(
+        "throughput",
+        spec,
+        label=spec["run_id"],
+        work_dir=spec["run_dir"],
+        outputs={"table": str(out)},
+        resources={"gpu": 0, "runtime": 10},
+        launcher="local",
+    )
+    import polars as pl
+
+    table = pl.read_parquet(out)
+    assert table.schema == TABLES["throughput"] and table.height == 4
+    status = read_status(spec["run_dir"], "throughput")
+    assert status["status"] == "done" and status["job_id"] and status["wall_s"] > 0
+    with open(status["log"]) as log:  # the job's progress output is in its log
+        assert "train 64:" in log.read()
+
+
+def test_failed_job_names_the_run_and_its_log(tmp_path, micro_data):
+    spec = micro_spec(tmp_path, micro_data)  # never trained: there is no model.pt to evaluate
+    with pytest.raises(LaunchError) as err:
+        launch(
+            "perplexity",
+            spec,
+            label=spec["run_id"],
+            work_dir=spec["run_dir"],
+            outputs={"table": str(tmp_path / "run" / "perplexity.parquet")},
+            resources={"gpu": 0, "runtime": 10},
+            launcher="local",
+        )
+    message = str(err.value)
+    assert spec["run_id"] in message and "model.pt" in message
+    status = read_status(spec["run_dir"], "perplexity")
+    assert status["status"] == "failed" and "model.pt" in status["reason"]
+    assert status["log"] in message and (tmp_path / "run" / "logs" / "perplexity").is_dir()
+    assert not (tmp_path / "run" / "perplexity.parquet").exists()

@@ -1,0 +1,124 @@
+"""Training: the schedule, real learning, and resume after an interruption.
+
+A run killed midway (SIGTERM: checkpoint at the next step boundary; SIGKILL: the last periodic
+checkpoint survives) resumes when rerun, and the resumed loss curve is the uninterrupted one.
+"""
+
+import itertools
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+
+from ltstudy.train import lr_at, run_paths, train
+from tests.conftest import micro_spec
+
+# Runs training in a child process, slowed per step so the test can interrupt it mid-run.
+CHILD = """
+import json, sys, time
+from ltstudy.train import train
+spec = json.load(open(sys.argv[1]))
+train(spec, on_step=lambda step: time.sleep(0.25))
+"""
+CURVE_COLUMNS = ["step", "tokens", "loss", "lr", "grad_norm"]
+
+
+def test_lr_warmup_then_cosine():
+    cfg = {"lr": 1.0, "warmup_steps": 10, "steps": 110, "min_lr_ratio": 0.1}
+    lrs = [lr_at(s, cfg) for s in range(110)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.55, abs=0.01)
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
+
+
+def test_training_learns_and_writes_outputs(tmp_path, micro_data):
+    spec = micro_spec(tmp_path, micro_data, run="micro/ttt_swa-micro-64", steps=30, lr=1e-2)
+    summary = train(spec)
+    paths = run_paths(spec)
+    curve = pl.read_parquet(paths["curve"])
+    assert curve["step"].to_list() == list(range(1, 31))
+    assert curve["loss"][-5:].mean() < curve["loss"][0] - 1.0  # from ~ln(258)=5.55 well down
+    assert summary["final_loss"] == curve["loss"][-1]
+    state = torch.load(paths["model"], weights_only=False)
+    assert state["config_hash"] == spec["config_hash"] and state["step"] == 30
+    assert not paths["checkpoint"].parent.exists()  # checkpoints removed after success
+
+
+def _start(spec_path: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(spec_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_for_checkpoint(
+    path: Path, step: int, proc: subprocess.Popen, timeout: float = 120
+) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists():
+            try:
+                if torch.load(path, weights_only=False)["step"] >= step:
+                    return
+            except Exception:  # being replaced right now
+                pass
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    raise TimeoutError(f"no checkpoint at step {step}")
+
+
+def test_interrupted_run_resumes_and_continues_the_curve(tmp_path, micro_data):
+    reference_spec = micro_spec(tmp_path / "ref", micro_data, steps=16, checkpoint_every=4)
+    train(reference_spec)
+    reference = pl.read_parquet(run_paths(reference_spec)["curve"]).select(CURVE_COLUMNS)
+
+    spec = micro_spec(tmp_path / "int", micro_data, steps=16, checkpoint_every=4)
+    paths = run_paths(spec)
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+
+    # 1. SIGTERM: the child finishes its step, checkpoints there and exits with an error.
+    proc = _start(spec_path)
+    _wait_for_checkpoint(paths["checkpoint"], 4, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "TrainingInterrupted" in out
+    stopped_at = torch.load(paths["checkpoint"], weights_only=False)["step"]
+    assert 4 <= stopped_at < 16 and not paths["model"].exists()
+
+    # 2. Rerun; resumes from there. SIGKILL it: no chance to save, the periodic checkpoint stays.
+    proc = _start(spec_path)
+    _wait_for_checkpoint(paths["checkpoint"], max(8, stopped_at + 1), proc)
+    proc.kill()
+    out, _ = proc.communicate(timeout=60)
+    assert f"resuming from step {stopped_at}" in out
+    killed_at = torch.load(paths["checkpoint"], weights_only=False)["step"]
+    assert killed_at > stopped_at
+
+    # 3. Rerun to the end: the stitched curve is exactly the uninterrupted one.
+    lines = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("builtins.print", lambda *a, **k: lines.append(" ".join(map(str, a))))
+        train(spec)
+    assert any(f"resuming from step {killed_at}" in line for line in lines)
+    resumed = pl.read_parquet(paths["curve"]).select(CURVE_COLUMNS)
+    assert resumed["step"].to_list() == list(range(1, 17))
+    assert resumed.equals(reference)
+
+
+def test_checkpoint_of_another_config_is_not_resumed(tmp_path, micro_data):
+    spec = micro_spec(tmp_path, micro_data, steps=4)
+    paths = run_paths(spec)
+    paths["checkpoint"].parent.mkdir(parents=True)
+    torch.save({"config_hash": "something-else", "step": 3}, paths["checkpoint"])
+    train(spec)
+    assert pl.read_parquet(paths["curve"])["step"].to_list() == [1, 2, 3, 4]

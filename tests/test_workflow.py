@@ -1,0 +1,141 @@
+"""End to end through the real Snakefile: a micro study trained and evaluated via submitit's
+local executor, Parquet tables with their fixed schemas, the report, incremental reruns, and
+the slurm profile's dry run of the full study."""
+
+import re
+import subprocess
+
+import polars as pl
+
+from ltstudy.config import expand_runs, load_config
+from ltstudy.results.schemas import TABLES
+from tests.conftest import BIN, MICRO_CONFIG, ROOT, snakemake, write_config
+
+RUNS = ["micro/full-micro-64", "micro/ttt_swa-micro-64"]
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a Snakemake run or dry run."""
+    counts = {}
+    block = output.split("Job stats:", 1)[1]
+    for line in block.splitlines()[3:]:
+        match = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if not match:
+            break
+        counts[match.group(1)] = int(match.group(2))
+    return counts
+
+
+def test_study_writes_every_table_with_its_schema(study):
+    workdir, _ = study
+    for table, schema in TABLES.items():
+        frame = pl.read_parquet(workdir / "results" / f"{table}.parquet")
+        assert frame.schema == schema, table
+        assert frame.height > 0, table
+        if table != "runs":
+            assert sorted(frame["run_id"].unique()) == RUNS, table
+    runs = pl.read_parquet(workdir / "results" / "runs.parquet")
+    assert runs["status"].to_list() == ["done", "done"]
+    assert (runs["final_loss"] < 5.0).all() and (runs["params"] > 0).all()
+    spec = expand_runs(load_config(MICRO_CONFIG))[RUNS[0]]
+    assert runs.filter(pl.col("run_id") == RUNS[0])["config_hash"][0] == spec["config_hash"]
+    ppl = pl.read_parquet(workdir / "results" / "perplexity.parquet")
+    assert set(ppl["length"]) == {64, 128} and (ppl["ppl"] > 1).all()
+    curves = pl.read_parquet(workdir / "results" / "train_curves.parquet")
+    assert curves.group_by("run_id").len()["len"].to_list() == [12, 12]
+
+
+def test_job_logs_live_next_to_run_outputs(study):
+    workdir, _ = study
+    run_dir = workdir / "results" / "runs" / RUNS[1]
+    logs = list((run_dir / "logs" / "train").glob("*_log.out"))
+    assert logs and "step 12/12" in logs[0].read_text()
+    assert (run_dir / "status" / "train.json").exists()
+
+
+def test_report_page_has_every_section(study):
+    workdir, _ = study
+    page = (workdir / "reports" / "index.html").read_text()
+    assert page.count('class="chart"') == 4 and "<table>" in page
+    assert 'src="assets/vega-bundle.js"' in page and "cdn" not in page.lower()
+    assert (workdir / "reports" / "assets" / "vega-bundle.js").stat().st_size > 500_000
+
+
+def test_second_run_does_nothing(study):
+    workdir, _ = study
+    proc = snakemake(workdir, "--configfile=micro.yaml", "-n", "all")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_deleting_outputs_rebuilds_only_what_depends_on_them(study):
+    workdir, _ = study
+    run_dir = workdir / "results" / "runs" / RUNS[0]
+    (run_dir / "perplexity.parquet").unlink()
+    proc = snakemake(workdir, "--configfile=micro.yaml", "-n", "all")
+    assert job_counts(proc.stdout + proc.stderr) == {
+        "perplexity": 1,
+        "collect_table": 1,
+        "collect_runs": 1,
+        "report": 1,
+        "all": 1,
+        "total": 5,
+    }
+    (run_dir / "model.pt").unlink()
+    proc = snakemake(workdir, "--configfile=micro.yaml", "-n", "all")
+    counts = job_counts(proc.stdout + proc.stderr)
+    assert counts["train"] == 1 and counts["passkey"] == 1 and counts["perplexity"] == 1
+    assert "throughput" not in counts and "prepare_data" not in counts
+    assert RUNS[1] not in proc.stdout.split("Job stats:")[0].replace("micro.yaml", "")
+    # rebuild just that run by its target, as the README documents
+    snakemake(workdir, "--configfile=micro.yaml", f"results/runs/{RUNS[0]}/perplexity.parquet")
+    assert (run_dir / "perplexity.parquet").exists() and (run_dir / "model.pt").exists()
+    # the retrained model makes that run's passkey result stale: `all` brings everything up to date
+    proc = snakemake(workdir, "--configfile=micro.yaml", "all")
+    assert job_counts(proc.stdout + proc.stderr)["passkey"] == 1
+    assert "Nothing to be done" in snakemake(workdir, "--configfile=micro.yaml", "-n", "all").stdout
+
+
+def test_forcerun_one_run_reruns_only_that_run(study):
+    workdir, _ = study
+    target = f"results/runs/{RUNS[1]}/model.pt"
+    proc = snakemake(workdir, "--configfile=micro.yaml", "-n", "all", "--forcerun", target)
+    counts = job_counts(proc.stdout + proc.stderr)
+    assert counts["train"] == 1 and counts["perplexity"] == 1 and counts["passkey"] == 1
+    assert "throughput" not in counts
+
+
+def test_named_study_target(study):
+    workdir, _ = study
+    proc = snakemake(workdir, "--configfile=micro.yaml", "-n", "study_micro")
+    assert proc.returncode == 0
+
+
+def test_unknown_variant_fails_before_any_job(tmp_path, micro_raw):
+    micro_raw["studies"][0]["grid"]["variant"] = ["full", "mamba9"]
+    write_config(tmp_path / "bad.yaml", micro_raw)
+    proc = snakemake(tmp_path, "--configfile=bad.yaml", "all", check=False)
+    assert proc.returncode != 0
+    assert "config field `variant`: unknown variant 'mamba9'" in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_slurm_profile_dry_run_lists_every_run_of_the_full_study():
+    """`snakemake --profile slurm -n all` from the repo root, with no Slurm installed."""
+    proc = subprocess.run(
+        [str(BIN / "snakemake"), "--profile", "slurm", "-n", "all"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = expand_runs(load_config(ROOT / "config" / "config.yaml"))
+    counts = job_counts(proc.stdout + proc.stderr)
+    for stage in ("train", "perplexity", "passkey", "throughput"):
+        assert counts[stage] == sum(stage in s["stages"] for s in runs.values()), stage
+    listed = set(re.findall(r"wildcards: study=(\w+), run=(\S+)", proc.stdout))
+    assert listed == {(s["study"], s["name"]) for s in runs.values()}
+    combos = {(s["variant"], s["size"], s["context"]) for s in runs.values()}
+    assert {v for v, _, _ in combos} == {"full", "swa", "ttt_full", "ttt_swa"}
+    assert {z for _, z, _ in combos} == {"500M", "1.5B", "4B", "8B", "14B"}
+    assert "slurm_jobs=1" in proc.stdout  # every launched job counts against the Slurm cap

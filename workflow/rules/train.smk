@@ -1,0 +1,16 @@
+# Train one run (resuming from its checkpoint if an earlier attempt was interrupted).
+
+
+rule train:
+    input:
+        manifest=rules.prepare_data.output.manifest,
+    output:
+        model=f"{RUN_DIR}/model.pt",
+        curve=f"{RUN_DIR}/train_curve.parquet",
+    priority: 3
+    params:
+        config_hash=lambda wildcards: spec(wildcards)["config_hash"],
+    resources:
+        **run_resources("train"),
+    run:
+        launch_run_stage("train", wildcards, output, resources)
