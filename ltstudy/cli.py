@@ -5,6 +5,8 @@ runs [CONFIG]             list run ids, one per line (with --targets: their outp
 status [CONFIG]           the state of every run: done, running, failed (with reason), pending
 sizes                     parameter counts of every variant at every size preset
 stage STAGE RUN [CONFIG]  run one stage of one run in this process, without submitit
+collect [CONFIG]          gather the per-run results that exist (failed runs included) into
+                          the tables and rebuild the report, e.g. after `--keep-going`
 report [--results R] [--reports P]   rebuild the HTML report from results tables
 """
 
@@ -15,7 +17,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from ltstudy.config import ConfigError, expand_runs, load_config
+from ltstudy.config import ConfigError, default_settings, expand_runs, load_config
 
 DEFAULT_CONFIG = "config/config.yaml"
 
@@ -74,22 +76,13 @@ def cmd_sizes(args: argparse.Namespace) -> int:
     from ltstudy.models.transformer import count_parameters
     from ltstudy.models.variants import VARIANTS
 
-    ttt = {
-        "chunk_size": 1024,
-        "eta": 0.3,
-        "every": 6,
-        "layers": None,
-        "conv_kernel": 5,
-        "conv_padding": "chunk",
-        "target": "embeddings",
-        "w_target": True,
-        "clip_tau": None,
-        "clip_order": "after_eta",
-    }
+    model_settings = default_settings()["model"]
     header = f"{'size':<6}" + "".join(f"{v:>16}" for v in VARIANTS)
     print(header + "\n" + "-" * len(header))
     for size in SIZES:
-        counts = [count_parameters(resolve_model(v, size, {"ttt": ttt}))["total"] for v in VARIANTS]
+        counts = [
+            count_parameters(resolve_model(v, size, model_settings))["total"] for v in VARIANTS
+        ]
         print(f"{size:<6}" + "".join(f"{c:>16,}" for c in counts))
     return 0
 
@@ -113,6 +106,18 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_collect(args: argparse.Namespace) -> int:
+    from ltstudy.report.page import build_report
+    from ltstudy.results.collect import collect_available
+
+    config = load_config(args.config)
+    runs = expand_runs(config)
+    for table, frame in collect_available(runs, config["results_dir"]).items():
+        print(f"{config['results_dir']}/{table}.parquet: {frame.height} rows")
+    print(build_report(Path(config["results_dir"]), Path(config["reports_dir"])))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from ltstudy.report.page import build_report
 
@@ -125,7 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         prog="ltstudy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, fn in (("validate", cmd_validate), ("runs", cmd_runs), ("status", cmd_status)):
+    commands = (
+        ("validate", cmd_validate),
+        ("runs", cmd_runs),
+        ("status", cmd_status),
+        ("collect", cmd_collect),
+    )
+    for name, fn in commands:
         p = sub.add_parser(name)
         p.add_argument("config", nargs="?", default=DEFAULT_CONFIG)
         p.set_defaults(fn=fn)

@@ -80,6 +80,15 @@ def _raise_first(errors: list[jsonschema.ValidationError], source: str) -> None:
     raise ConfigError(f"{source}: config field `{_field(best.absolute_path)}`: {best.message}")
 
 
+def default_settings() -> dict:
+    """The settings of a run whose config says nothing: the schema's defaults."""
+    schema = load_schema()
+    filler = _with_defaults(jsonschema.validators.validator_for(schema))(schema)
+    settings: dict = {}
+    filler.evolve(schema={"$ref": "#/$defs/settings"}).validate(settings)
+    return settings
+
+
 def validate_config(raw: Mapping, source: str = "config") -> dict:
     """Check `raw` against the schema and the registries; return a copy with defaults filled.
 

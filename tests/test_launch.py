@@ -1,8 +1,10 @@
 """The submitit launcher: resource mapping, real local jobs, failures that name run and log."""
 
+import polars as pl
 import pytest
 
 from ltstudy.launch import LaunchError, launch, read_status, submitit_parameters
+from ltstudy.results.collect import collect_available
 from ltstudy.results.schemas import TABLES
 from tests.conftest import micro_spec
 
@@ -44,7 +46,8 @@ def test_local_parameters_always_set_timeout_and_gpus():
         submitit_parameters({"nodes": 2}, "local", "x")
 
 
-def test_local_job_runs_a_stage_and_records_status(tmp_path, micro_data):
+@pytest.mark.parametrize("launcher", ["local", "debug"])
+def test_job_runs_a_stage_and_records_status(tmp_path, micro_data, launcher):
     spec = micro_spec(tmp_path, micro_data)
     out = tmp_path / "run" / "throughput.parquet"
     launch(
@@ -54,16 +57,16 @@ def test_local_job_runs_a_stage_and_records_status(tmp_path, micro_data):
         work_dir=spec["run_dir"],
         outputs={"table": str(out)},
         resources={"gpu": 0, "runtime": 10},
-        launcher="local",
+        launcher=launcher,
     )
-    import polars as pl
 
     table = pl.read_parquet(out)
     assert table.schema == TABLES["throughput"] and table.height == 4
     status = read_status(spec["run_dir"], "throughput")
     assert status["status"] == "done" and status["job_id"] and status["wall_s"] > 0
-    with open(status["log"]) as log:  # the job's progress output is in its log
-        assert "train 64:" in log.read()
+    if launcher == "local":
+        with open(status["log"]) as log:  # the job's progress output is in its log
+            assert "train 64:" in log.read()
 
 
 def test_failed_job_names_the_run_and_its_log(tmp_path, micro_data):
@@ -84,3 +87,7 @@ def test_failed_job_names_the_run_and_its_log(tmp_path, micro_data):
     assert status["status"] == "failed" and "model.pt" in status["reason"]
     assert status["log"] in message and (tmp_path / "run" / "logs" / "perplexity").is_dir()
     assert not (tmp_path / "run" / "perplexity.parquet").exists()
+    # the runs table records the failure and its reason
+    tables = collect_available({spec["run_id"]: spec}, tmp_path / "results")
+    row = tables["runs"].row(0, named=True)
+    assert row["status"] == "failed" and "perplexity" in row["error"] and "model.pt" in row["error"]

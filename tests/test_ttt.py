@@ -4,24 +4,14 @@ model at initialisation computes exactly its backbone's logits."""
 import pytest
 import torch
 
+from ltstudy.config import default_settings
 from ltstudy.models.config import ModelConfig
 from ltstudy.models.presets import resolve_model
 from ltstudy.models.transformer import build_model
 from ltstudy.models.ttt import TargetConv
 from ltstudy.ops.ttt import inplace_ttt, inplace_ttt_reference
 
-TTT = {
-    "chunk_size": 16,
-    "eta": 0.5,
-    "every": 1,
-    "layers": None,
-    "conv_kernel": 5,
-    "conv_padding": "chunk",
-    "target": "embeddings",
-    "w_target": True,
-    "clip_tau": None,
-    "clip_order": "after_eta",
-}
+TTT = {**default_settings()["model"]["ttt"], "chunk_size": 16, "eta": 0.5, "every": 1}
 
 
 def _inputs(B=2, T=53, D=6, F=10, seed=0):

@@ -45,6 +45,18 @@ def test_study_writes_every_table_with_its_schema(study):
     assert curves.group_by("run_id").len()["len"].to_list() == [12, 12]
 
 
+def test_status_command_reports_done_runs(study):
+    workdir, _ = study
+    proc = subprocess.run(
+        [str(BIN / "ltstudy"), "status", "micro.yaml"],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("2 done")
+
+
 def test_job_logs_live_next_to_run_outputs(study):
     workdir, _ = study
     run_dir = workdir / "results" / "runs" / RUNS[1]
@@ -56,7 +68,7 @@ def test_job_logs_live_next_to_run_outputs(study):
 def test_report_page_has_every_section(study):
     workdir, _ = study
     page = (workdir / "reports" / "index.html").read_text()
-    assert page.count('class="chart"') == 4 and "<table>" in page
+    assert page.count('class="chart"') == 5 and "<table>" in page
     assert 'src="assets/vega-bundle.js"' in page and "cdn" not in page.lower()
     assert (workdir / "reports" / "assets" / "vega-bundle.js").stat().st_size > 500_000
 

@@ -88,7 +88,8 @@ class LanguageModel(nn.Module):
         return torch.cat(pieces, dim=1)
 
     def _chunk_loss(self, h: Tensor, y: Tensor) -> Tensor:
-        logits = self.lm_head(h).float()
+        logits = self.lm_head(h)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32
         return F.cross_entropy(logits.transpose(1, 2), y, ignore_index=-100, reduction="none")
 
 

@@ -48,6 +48,30 @@ def leaderboard(
     return board.sort(["study", sort_key], nulls_last=True)
 
 
+def leaderboard_chart(board: pl.DataFrame) -> alt.Chart | None:
+    """Runs ranked by perplexity at their training context (bars), per study."""
+    if "ppl_at_context" not in board.columns or board["ppl_at_context"].is_null().all():
+        return None
+    data = board.filter(pl.col("ppl_at_context").is_not_null())
+    tooltip = [
+        c
+        for c in ("run_id", "params", "final_loss", "ppl_at_context", "passkey_accuracy")
+        if c in data.columns
+    ]
+    return (
+        alt.Chart(data)
+        .mark_bar()
+        .encode(
+            x=alt.X("ppl_at_context:Q", title="perplexity at the training context"),
+            y=alt.Y("run_id:N", sort="x", title=None),
+            color="variant:N",
+            tooltip=tooltip,
+        )
+        .properties(width=420)
+        .facet(row=alt.Row("study:N"))
+    )
+
+
 def perplexity_vs_length(perplexity: pl.DataFrame) -> alt.Chart | None:
     if not perplexity.height:
         return None

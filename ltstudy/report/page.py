@@ -88,7 +88,7 @@ def build_report(results_dir: str | Path, reports_dir: str | Path) -> Path:
             "Perplexity uses the sliding-window (stride) method; passkey accuracy is the mean over "
             "the length x depth grid.",
             html_table(board),
-            None,
+            charts.leaderboard_chart(board),
         ),
         (
             "Perplexity vs evaluation length",
@@ -122,11 +122,11 @@ def build_report(results_dir: str | Path, reports_dir: str | Path) -> Path:
         body.append(f'<h2>{html.escape(title)}</h2><p class="note">{html.escape(note)}</p>')
         if table is not None:
             body.append(table)
-        elif chart is None:
+        if table is None and chart is None:
             body.append('<p class="empty">No results for this section yet.</p>')
-        else:
+        if chart is not None:
             body.append(f'<div class="chart" id="chart{index}"></div>')
-            spec = json.dumps(chart.to_dict())
+            spec = json.dumps(chart.to_dict()).replace("</", "<\\/")  # stay inside <script>
             scripts.append(
                 f'vegaEmbed("#chart{index}", {spec}, {{renderer: "svg", actions: false}});'
             )

@@ -10,7 +10,7 @@ from typing import Any
 import polars as pl
 
 from ltstudy.launch import read_status
-from ltstudy.results.schemas import TABLES, check_schema, table_frame, write_table
+from ltstudy.results.schemas import RUN_FILES, TABLES, check_schema, table_frame, write_table
 
 
 def collect_table(table: str, run_files: Iterable[str | Path], out_path: str | Path) -> pl.DataFrame:
@@ -67,6 +67,21 @@ def runs_frame(specs: Mapping[str, Mapping[str, Any]]) -> pl.DataFrame:
             **run_status(spec),
         })
     return table_frame("runs", rows).select(TABLES["runs"].names())
+
+
+def collect_available(
+    specs: Mapping[str, Mapping[str, Any]], results_dir: str | Path
+) -> dict[str, pl.DataFrame]:
+    """Every table from the per-run files that exist now, and the runs table with each run's
+    status (failed runs carry their reason): a partial view while runs fail or are pending."""
+    results_dir = Path(results_dir)
+    tables = {}
+    for table, file in RUN_FILES.items():
+        paths = [Path(s["run_dir"]) / file for s in specs.values()]
+        present = [p for p in paths if p.exists()]
+        tables[table] = collect_table(table, present, results_dir / f"{table}.parquet")
+    tables["runs"] = collect_runs(specs, results_dir / "runs.parquet")
+    return tables
 
 
 def collect_runs(specs: Mapping[str, Mapping[str, Any]], out_path: str | Path) -> pl.DataFrame:
