@@ -5,8 +5,9 @@ through submitit (Slurm on a cluster, local processes elsewhere, in-process for 
 and raises `LaunchError` naming the run and the job's log when the job fails. Job logs and a
 status file per stage live in the run's folder:
 
-    <work_dir>/logs/<stage>/<job_id>_0_log.{out,err}
-    <work_dir>/status/<stage>.json   running | done | failed (+ reason, job id, log, timing)
+    <work_dir>/spec.json                          the resolved spec (config and seed) it ran with
+    <work_dir>/logs/<stage>/<job_id>_0_log.{out,err}   the job's output
+    <work_dir>/status/<stage>.json                running | done | failed (+ reason, job, timing)
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import contextlib
 import fcntl
 import math
 import os
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -145,6 +148,24 @@ def _short_reason(err: BaseException) -> str:
     return text or type(err).__name__
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """While waiting, treat SIGTERM (Snakemake stopping its jobs) like Ctrl-C, so that a local
+    job is cancelled instead of left running behind a dead rule."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"received {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def launch(
     stage: str,
     payload: Mapping[str, Any],
@@ -157,7 +178,6 @@ def launch(
 ) -> Any:
     """Submit `stage` for `payload`, wait for it, and check that it wrote its outputs."""
     work_dir = Path(work_dir)
-    folder = work_dir / "logs" / stage
     name = f"ltstudy-{stage}-{label}".replace("/", "-")
     params = submitit_parameters(resources, launcher, name)
     status = {
@@ -167,41 +187,41 @@ def launch(
         "status": "running",
         "started": time.time(),
     }
+
+    def record(**updates: Any) -> None:
+        status.update(updates)
+        write_json(status_path(work_dir, stage), status)
+
+    write_json(work_dir / "spec.json", payload)
     with claimed_local_gpus(params["gpus_per_node"] if launcher == "local" else 0) as gpus:
         if gpus:
             params["visible_gpus"] = gpus
-        executor = make_executor(launcher, folder, params)
+        executor = make_executor(launcher, work_dir / "logs" / stage, params)
         job = executor.submit(StageJob(stage), dict(payload), dict(outputs))
         log = str(job.paths.stdout)
-        status.update(job_id=str(job.job_id), log=log, stderr=str(job.paths.stderr))
-        write_json(status_path(work_dir, stage), status)
+        record(job_id=str(job.job_id), log=log, stderr=str(job.paths.stderr))
         print(f"[ltstudy] {label} {stage}: {launcher} job {job.job_id}, log {log}", flush=True)
         try:
-            result = job.result()
-        except (KeyboardInterrupt, SystemExit):
+            with _terminate_as_interrupt():
+                result = job.result()
+        except KeyboardInterrupt:
             if launcher == "local":
                 job.cancel(check=False)
-            status.update(status="failed", reason="interrupted while waiting", finished=time.time())
-            write_json(status_path(work_dir, stage), status)
+            record(status="failed", reason="interrupted while waiting", finished=time.time())
             raise
         except Exception as err:
             reason = _short_reason(err)
-            status.update(status="failed", reason=reason, finished=time.time())
-            write_json(status_path(work_dir, stage), status)
+            record(status="failed", reason=reason, finished=time.time())
             raise LaunchError(
                 f"{label}: stage {stage} failed ({launcher} job {job.job_id}): {reason}\n"
                 f"  job log: {log}\n  job errors: {job.paths.stderr}"
             ) from None
     missing = [p for p in outputs.values() if not os.path.exists(p)]
     if missing:
-        status.update(status="failed", reason=f"missing outputs {missing}", finished=time.time())
-        write_json(status_path(work_dir, stage), status)
+        record(status="failed", reason=f"missing outputs {missing}", finished=time.time())
         raise LaunchError(f"{label}: stage {stage} finished without writing {missing}; see {log}")
-    status.update(
-        status="done",
-        finished=time.time(),
-        wall_s=time.time() - status["started"],
-        gpus=params["gpus_per_node"] * int(resources.get("nodes", 1)),
+    gpus_used = params["gpus_per_node"] * int(resources.get("nodes", 1))
+    record(
+        status="done", finished=time.time(), wall_s=time.time() - status["started"], gpus=gpus_used
     )
-    write_json(status_path(work_dir, stage), status)
     return result

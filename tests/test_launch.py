@@ -91,3 +91,42 @@ def test_failed_job_names_the_run_and_its_log(tmp_path, micro_data):
     tables = collect_available({spec["run_id"]: spec}, tmp_path / "results")
     row = tables["runs"].row(0, named=True)
     assert row["status"] == "failed" and "perplexity" in row["error"] and "model.pt" in row["error"]
+
+
+WAITER = """
+import json, sys
+from ltstudy.launch import launch
+spec = json.load(open(sys.argv[1]))
+launch("train", spec, label=spec["run_id"], work_dir=spec["run_dir"], outputs={},
+       resources={"gpu": 0, "runtime": 10}, launcher="local")
+"""
+
+
+def test_stopping_the_waiting_rule_cancels_its_local_job(tmp_path, micro_data):
+    """Snakemake stops a job's process with SIGTERM; the local job must not be left running."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    spec = micro_spec(tmp_path, micro_data, steps=100000, log_every=100)
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    waiter = subprocess.Popen([sys.executable, "-c", WAITER, str(tmp_path / "spec.json")])
+    deadline = time.time() + 120
+    while (read_status(spec["run_dir"], "train") or {}).get("job_id") is None:
+        assert time.time() < deadline and waiter.poll() is None
+        time.sleep(0.1)
+    controller = psutil.Process(int(read_status(spec["run_dir"], "train")["job_id"]))
+    while not controller.children():  # the training task process
+        assert time.time() < deadline
+        time.sleep(0.1)
+    processes = [controller, *controller.children()]
+    waiter.send_signal(signal.SIGTERM)
+    assert waiter.wait(timeout=60) != 0
+    status = read_status(spec["run_dir"], "train")
+    assert status["status"] == "failed" and "interrupted" in status["reason"]
+    _, alive = psutil.wait_procs(processes, timeout=60)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], "the local job still runs"
