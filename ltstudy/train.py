@@ -127,6 +127,12 @@ def train(spec: Mapping[str, Any], on_step: Callable[[int], None] | None = None)
     configure_threads(spec["resources"]["train"]["cpus_per_task"])
     torch.manual_seed(spec["seed"])
 
+    if device.type == "cuda" and torch.cuda.device_count() > 1:
+        print(
+            f"[train {tag}] warning: {torch.cuda.device_count()} GPUs visible but training uses "
+            "one (multi-GPU data parallelism is not implemented yet)",
+            flush=True,
+        )
     data = TokenData.load(spec["data_dir"], "train")
     model = build_model(spec["model"], seed=spec["seed"], device=device)
     optimizer = _optimizer(model, cfg, device)
