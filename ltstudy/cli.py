@@ -3,7 +3,8 @@
 validate [CONFIG]         check a config and print its studies and run counts
 runs [CONFIG]             list run ids, one per line (with --targets: their output files)
 status [CONFIG]           the state of every run: done, running, failed (with reason), pending
-sizes                     parameter counts of every variant at every size preset
+sizes [--context N]       parameters (meta device), FLOPs per token and weight memory of
+                          every variant at every size
 stage STAGE RUN [CONFIG]  run one stage of one run in this process, without submitit
 collect [CONFIG]          gather the per-run results that exist (failed runs included) into
                           the tables and rebuild the report, e.g. after `--keep-going`
@@ -72,18 +73,29 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_sizes(args: argparse.Namespace) -> int:
+    from ltstudy.config import context_label
+    from ltstudy.models.flops import forward_flops_per_token
     from ltstudy.models.presets import SIZES, resolve_model
     from ltstudy.models.transformer import count_parameters
     from ltstudy.models.variants import VARIANTS
 
-    model_settings = default_settings()["model"]
-    header = f"{'size':<6}" + "".join(f"{v:>16}" for v in VARIANTS)
-    print(header + "\n" + "-" * len(header))
-    for size in SIZES:
-        counts = [
-            count_parameters(resolve_model(v, size, model_settings))["total"] for v in VARIANTS
-        ]
-        print(f"{size:<6}" + "".join(f"{c:>16,}" for c in counts))
+    settings = default_settings()["model"]
+    flops_header = f"fwd GFLOP/token @{context_label(args.context)}"
+    print(
+        f"{'size':<6} {'variant':<10} {'parameters':>16} {'vs full':>8} {flops_header:>24} "
+        f"{'weights bf16':>13}"
+    )
+    for size in args.sizes or [s for s in SIZES if s not in ("demo", "micro")]:
+        full = None
+        for variant in VARIANTS:
+            model = resolve_model(variant, size, settings, context=args.context)
+            params = count_parameters(model)["total"]
+            full = full or params
+            flops = forward_flops_per_token(model, params, args.context) / 1e9
+            print(
+                f"{size:<6} {variant:<10} {params:>16,} {100 * (params / full - 1):>+7.1f}% "
+                f"{flops:>24.2f} {params * 2 / 2**30:>9.2f} GiB"
+            )
     return 0
 
 
@@ -144,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         "--targets", action="store_true", help="print each run's output files instead of its id"
     )
     sub.choices["status"].add_argument("--all", action="store_true", help="list pending runs too")
-    sub.add_parser("sizes").set_defaults(fn=cmd_sizes)
+    p = sub.add_parser("sizes", help="parameters, FLOPs per token and weight memory")
+    p.add_argument("--context", type=int, default=32768, help="context of the FLOP count")
+    p.add_argument("--sizes", nargs="*", help="size presets (default: 500M ... 14B)")
+    p.set_defaults(fn=cmd_sizes)
     p = sub.add_parser("stage")
     p.add_argument("stage", choices=["train", "perplexity", "passkey", "throughput"])
     p.add_argument("run")

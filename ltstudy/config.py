@@ -104,18 +104,27 @@ def validate_config(raw: Mapping, source: str = "config") -> dict:
     top = {k: v for k, v in schema["properties"].items() if k != "studies"}
     filler.evolve(schema={"type": "object", "properties": top}).validate(config)
 
-    _check_data(config, source)
+    _check_data(config["data"], "data", source)
     expand_runs(config, source=source)  # validates every run's merged settings
     return config
 
 
-def _check_data(config: dict, source: str) -> None:
-    corpus = config["data"]["corpus"]
+def _check_data(data: Mapping, field: str, source: str) -> None:
+    corpus = data["corpus"]
     if corpus != "embedded" and not Path(corpus).exists():
         raise ConfigError(
-            f"{source}: config field `data.corpus`: {corpus!r} is neither 'embedded' nor an "
+            f"{source}: config field `{field}.corpus`: {corpus!r} is neither 'embedded' nor an "
             "existing file or folder"
         )
+    try:
+        get_tokenizer(data["tokenizer"])
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{source}: config field `{field}.tokenizer`: {err}") from None
+
+
+def study_data(config: Mapping, study: Mapping) -> dict:
+    """A study's data settings: the top-level `data` with the study's own `data` over it."""
+    return deep_merge(config["data"], study.get("data", {}))
 
 
 def deep_merge(base: Mapping, update: Mapping) -> dict:
@@ -175,11 +184,23 @@ def expand_runs(config: Mapping, source: str = "config") -> dict[str, dict]:
     seen_studies: set[str] = set()
     for index, study in enumerate(config["studies"]):
         where = f"studies[{index}]"
+        if not study.get("enabled", True):
+            continue
         if study["name"] in seen_studies:
             raise ConfigError(
                 f"{source}: config field `{where}.name`: duplicate study {study['name']!r}"
             )
         seen_studies.add(study["name"])
+        if study.get("data"):
+            _raise_first(
+                list(
+                    checker.evolve(schema={"$ref": "#/$defs/data"}).iter_errors(
+                        study_data(config, study)
+                    )
+                ),
+                f"{source}: {where}.data",
+            )
+            _check_data(study_data(config, study), f"{where}.data", source)
         base = deep_merge(config["defaults"], study.get("overrides", {}))
         known_sizes = {**SIZES, **config.get("sizes", {})}
         for size in study.get("size_overrides", {}):
@@ -204,7 +225,32 @@ def expand_runs(config: Mapping, source: str = "config") -> dict[str, dict]:
                         "give explicit runs distinct names"
                     )
                 runs[run_id] = resolve_run(config, study, name, settings, f"{source}: {run_where}")
+    _link_init_from(runs, source)
     return runs
+
+
+def _link_init_from(runs: dict[str, dict], source: str) -> None:
+    """Resolve `train.init_from` run ids; the source run's hash joins this run's identity."""
+    for run_id in runs:  # runs are in config order; a source must come earlier
+        spec = runs[run_id]
+        template = spec["train"].get("init_from")
+        if not template:
+            continue
+        target = template.format(variant=spec["variant"], size=spec["size"])
+        if target not in runs or list(runs).index(target) >= list(runs).index(run_id):
+            raise ConfigError(
+                f"{source}: {run_id}: config field `train.init_from`: {target!r} is not an "
+                "earlier run of this config"
+            )
+        if "train" not in runs[target]["stages"]:
+            raise ConfigError(
+                f"{source}: {run_id}: `train.init_from` run {target!r} is not trained"
+            )
+        spec["train"]["init_from"] = target
+        spec["init_from_dir"] = runs[target]["run_dir"]
+        spec["config_hash"] = config_hash(
+            {"self": spec["config_hash"], "init": runs[target]["config_hash"]}
+        )
 
 
 def _check_choice(value: str, known: Mapping, field: str, what: str, source: str) -> None:
@@ -220,7 +266,12 @@ def resolve_run(config: Mapping, study: Mapping, name: str, settings: dict, sour
     _check_choice(settings["variant"], VARIANTS, "variant", "variant", source)
     try:
         model = resolve_model(
-            settings["variant"], settings["size"], settings["model"], config.get("sizes", {})
+            settings["variant"],
+            settings["size"],
+            settings["model"],
+            config.get("sizes", {}),
+            study_data(config, study)["tokenizer"],
+            settings["context"],
         )
     except KeyError as err:
         raise ConfigError(f"{source}: config field `size`: {err.args[0]}") from None
@@ -254,7 +305,8 @@ def resolve_run(config: Mapping, study: Mapping, name: str, settings: dict, sour
             f"{source}: config field `evaluate.perplexity.stride`: {perplexity['stride']} is "
             f"longer than the shortest length {min(perplexity['lengths'])}"
         )
-    shortest = min_prompt_length(get_tokenizer(config["data"]["tokenizer"]))
+    data = study_data(config, study)
+    shortest = min_prompt_length(get_tokenizer(data["tokenizer"]))
     too_short = min(evaluate["passkey"]["lengths"])
     if too_short < shortest:
         raise ConfigError(
@@ -277,7 +329,7 @@ def resolve_run(config: Mapping, study: Mapping, name: str, settings: dict, sour
         "seed": settings["seed"],
         "model": model,
         "train": train,
-        "data": config["data"],
+        "data": data,
     }
     return {
         "run_id": run_id,
@@ -290,5 +342,5 @@ def resolve_run(config: Mapping, study: Mapping, name: str, settings: dict, sour
         "launcher": config.get("launcher", "local"),
         "config_hash": config_hash(identity),
         "run_dir": str(Path(results_dir) / "runs" / study["name"] / name),
-        "data_dir": str(Path(results_dir) / "data"),
+        "data_dir": str(Path(results_dir) / "data" / config_hash(data)[:10]),
     }

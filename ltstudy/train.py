@@ -22,7 +22,7 @@ import torch
 
 from ltstudy.data.dataset import TokenData
 from ltstudy.device import autocast, configure_threads, pick_device
-from ltstudy.io import atomic_path
+from ltstudy.io import atomic_path, read_json
 from ltstudy.models.transformer import build_model
 from ltstudy.results.schemas import identity, write_table
 
@@ -75,6 +75,14 @@ class StopSignals:
         previous = self._previous.get(self.received)
         if callable(previous):
             previous(self.received, None)
+
+
+def document_starts(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """True where a new document begins: after an end-of-document token (and at position 0)."""
+    starts = torch.zeros_like(ids, dtype=torch.bool)
+    starts[:, 1:] = ids[:, :-1] == eos_id
+    starts[:, 0] = True
+    return starts
 
 
 def _format_duration(seconds: float) -> str:
@@ -135,6 +143,17 @@ def train(spec: Mapping[str, Any], on_step: Callable[[int], None] | None = None)
         )
     data = TokenData.load(spec["data_dir"], "train")
     model = build_model(spec["model"], seed=spec["seed"], device=device)
+    if spec.get("init_from_dir"):
+        source = Path(spec["init_from_dir"]) / "model.pt"
+        model.load_state_dict(
+            torch.load(source, map_location=device, weights_only=False)["state_dict"]
+        )
+        print(f"[train {tag}] weights from {source}", flush=True)
+    elif spec["model"].get("pretrained"):
+        from ltstudy.models.pretrained import load_weights
+
+        load_weights(model, spec["model"]["pretrained"])
+        print(f"[train {tag}] weights from {spec['model']['pretrained']}", flush=True)
     optimizer = _optimizer(model, cfg, device)
     start_step, curve, elapsed = 0, [], 0.0
     state = load_checkpoint(paths["checkpoint"], spec["config_hash"])
@@ -159,6 +178,8 @@ def train(spec: Mapping[str, Any], on_step: Callable[[int], None] | None = None)
             )
 
     steps, batch, micro = cfg["steps"], cfg["batch_size"], cfg["micro_batch_size"]
+    eos_id = read_json(Path(spec["data_dir"]) / "manifest.json")["eos_id"]
+    reset_at_documents = bool((spec["model"].get("ttt") or {}).get("reset_at_documents"))
     seq_tokens = batch * spec["context"]
     print(
         f"[train {tag}] {spec['variant']} {spec['size']} on {device}: {steps} steps x "
@@ -176,8 +197,9 @@ def train(spec: Mapping[str, Any], on_step: Callable[[int], None] | None = None)
             tokens = data.sample(batch, spec["context"] + 1, spec["seed"], step).to(device)
             loss_sum = 0.0
             for part in tokens.split(micro):
+                starts = document_starts(part[:, :-1], eos_id) if reset_at_documents else None
                 with autocast(device, cfg["dtype"]):
-                    loss = model.token_losses(part[:, :-1], part[:, 1:]).mean()
+                    loss = model.token_losses(part[:, :-1], part[:, 1:], doc_starts=starts).mean()
                 (loss * part.shape[0] / batch).backward()
                 loss_sum += loss.item() * part.shape[0]
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])

@@ -3,13 +3,14 @@
 import pytest
 
 from ltstudy.config import ConfigError, expand_runs, load_config, validate_config
+from ltstudy.models.variants import VARIANTS
 from tests.conftest import ROOT, write_config
 
 
 def test_micro_config_expands(micro_raw):
     config = validate_config(micro_raw)
     runs = expand_runs(config)
-    assert list(runs) == ["micro/full-micro-64", "micro/ttt_swa-micro-64"]
+    assert list(runs) == ["micro/full-micro-64", "micro/mamba2-micro-64", "micro/ttt_swa-micro-64"]
     spec = runs["micro/ttt_swa-micro-64"]
     assert spec["train"]["lr"] == 3.0e-3 and spec["train"]["weight_decay"] == 0.1  # default
     assert spec["model"]["swa_window"] == 8 and spec["model"]["ttt"]["layers"] == [0, 1]
@@ -19,7 +20,7 @@ def test_micro_config_expands(micro_raw):
 
 def test_shipped_configs_are_valid():
     demo = expand_runs(load_config(ROOT / "config" / "demo.yaml"))
-    assert {s["variant"] for s in demo.values()} == {"full", "swa", "ttt_full", "ttt_swa"}
+    assert {s["variant"] for s in demo.values()} == set(VARIANTS)
     full = expand_runs(load_config(ROOT / "config" / "config.yaml"))
     sizes = {s["size"] for s in full.values()}
     contexts = {s["context"] for s in full.values()}

@@ -5,8 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from ltstudy.cli import main
+from ltstudy.config import default_settings
 from ltstudy.models.presets import resolve_model
 from ltstudy.models.transformer import build_model, count_parameters
+from ltstudy.models.variants import VARIANTS
 
 
 @pytest.mark.parametrize("size, expected", [("4B", 4.02e9), ("8B", 8.03e9), ("14B", 14.77e9)])
@@ -15,11 +17,24 @@ def test_full_presets_match_their_reference_models(size, expected):
     assert abs(count - expected) / expected < 0.01
 
 
-def test_sizes_command_prints_every_preset(capsys):
-    assert main(["sizes"]) == 0
-    out = capsys.readouterr().out
-    for name in ("500M", "1.5B", "4B", "8B", "14B", "ttt_swa"):
-        assert name in out
+PAPER_SIZES = ["500M", "1.5B", "4B", "8B", "14B"]
+
+
+@pytest.mark.parametrize("size", PAPER_SIZES)
+def test_every_variant_is_within_five_percent_of_full(size):
+    settings = default_settings()["model"]
+    full = count_parameters(resolve_model("full", size, settings, context=32768))["total"]
+    for variant in VARIANTS:
+        count = count_parameters(resolve_model(variant, size, settings, context=32768))["total"]
+        assert abs(count / full - 1) < 0.05, (variant, size, count, full)
+
+
+def test_sizes_command_prints_every_variant_at_every_size(capsys):
+    assert main(["sizes", "--context", "65536"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "@64k" in lines[0]
+    rows = {(line.split()[0], line.split()[1]) for line in lines[1:]}
+    assert rows == {(size, variant) for size in PAPER_SIZES for variant in VARIANTS}
 
 
 def test_chunked_loss_equals_plain_cross_entropy():

@@ -29,20 +29,27 @@ def test_prefix_sum_equals_sequential_loop(chunk_size, clip):
     kwargs = {"eta": 0.7, "chunk_size": chunk_size}
     if clip:
         kwargs.update(clip_order=clip[0], clip_tau=clip[1])
-    fast = inplace_ttt(z, v, w, **kwargs)
-    slow = inplace_ttt_reference(z, v, w, **kwargs)
+    state = torch.randn(z.shape[0], *w.shape, dtype=torch.float64, requires_grad=True)
+    fast, fast_state = inplace_ttt(z, v, w, **kwargs, state=state)
+    slow, slow_state = inplace_ttt_reference(z, v, w, **kwargs, state=state)
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-10)
-    grad_out = torch.randn_like(fast)
+    torch.testing.assert_close(fast_state, slow_state, rtol=1e-10, atol=1e-10)
+    grad_out, grad_state = torch.randn_like(fast), torch.randn_like(fast_state)
     # (with a single chunk v is never used: its update would only reach later chunks)
-    g_fast = torch.autograd.grad(fast, (z, v, w), grad_out, materialize_grads=True)
-    g_slow = torch.autograd.grad(slow, (z, v, w), grad_out, materialize_grads=True)
+    inputs = (z, v, w, state)
+    g_fast = torch.autograd.grad(
+        (fast * grad_out).sum() + (fast_state * grad_state).sum(), inputs, materialize_grads=True
+    )
+    g_slow = torch.autograd.grad(
+        (slow * grad_out).sum() + (slow_state * grad_state).sum(), inputs, materialize_grads=True
+    )
     for a, b in zip(g_fast, g_slow, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_first_chunk_uses_only_the_initial_weight():
     z, v, w = _inputs()
-    out = inplace_ttt(z, v, w, eta=1.0, chunk_size=16)
+    out, _ = inplace_ttt(z, v, w, eta=1.0, chunk_size=16)
     torch.testing.assert_close(out[:, :16], z[:, :16] @ w.T)
     # and later chunks really do change: the fast weight is in use
     assert not torch.allclose(out[:, 16:], z[:, 16:] @ w.T)
@@ -51,7 +58,7 @@ def test_first_chunk_uses_only_the_initial_weight():
 def test_clipping_bounds_each_update():
     z, v, w = _inputs()
     tau = 1e-3
-    out = inplace_ttt(z, v, w, eta=1.0, chunk_size=16, clip_tau=tau)
+    out, _ = inplace_ttt(z, v, w, eta=1.0, chunk_size=16, clip_tau=tau)
     # second chunk sees exactly one clipped update: ||Z_1 dW^T|| <= ||Z_1|| * tau
     second = out[:, 16:32] - z[:, 16:32] @ w.T
     for b in range(z.shape[0]):

@@ -8,10 +8,11 @@ import subprocess
 import polars as pl
 
 from ltstudy.config import expand_runs, load_config
+from ltstudy.models.variants import VARIANTS
 from ltstudy.results.schemas import TABLES
 from tests.conftest import BIN, MICRO_CONFIG, ROOT, snakemake, write_config
 
-RUNS = ["micro/full-micro-64", "micro/ttt_swa-micro-64"]
+RUNS = ["micro/full-micro-64", "micro/mamba2-micro-64", "micro/ttt_swa-micro-64"]
 
 
 def job_counts(output: str) -> dict[str, int]:
@@ -35,14 +36,17 @@ def test_study_writes_every_table_with_its_schema(study):
         if table != "runs":
             assert sorted(frame["run_id"].unique()) == RUNS, table
     runs = pl.read_parquet(workdir / "results" / "runs.parquet")
-    assert runs["status"].to_list() == ["done", "done"]
+    assert runs["status"].to_list() == ["done"] * 3
     assert (runs["final_loss"] < 5.0).all() and (runs["params"] > 0).all()
     spec = expand_runs(load_config(MICRO_CONFIG))[RUNS[0]]
     assert runs.filter(pl.col("run_id") == RUNS[0])["config_hash"][0] == spec["config_hash"]
     ppl = pl.read_parquet(workdir / "results" / "perplexity.parquet")
     assert set(ppl["length"]) == {64, 128} and (ppl["ppl"] > 1).all()
+    # beyond the training context: the run's own positions and YaRN, for the attention variants
+    full = ppl.filter(pl.col("run_id") == RUNS[0]).sort("length", "rope")
+    assert full.select("length", "rope").rows() == [(64, "none"), (128, "none"), (128, "yarn x2")]
     curves = pl.read_parquet(workdir / "results" / "train_curves.parquet")
-    assert curves.group_by("run_id").len()["len"].to_list() == [12, 12]
+    assert curves.group_by("run_id").len()["len"].to_list() == [12] * 3
 
 
 def test_status_command_reports_done_runs(study):
@@ -54,7 +58,7 @@ def test_status_command_reports_done_runs(study):
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("2 done")
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("3 done")
 
 
 def test_job_logs_live_next_to_run_outputs(study):
@@ -148,6 +152,6 @@ def test_slurm_profile_dry_run_lists_every_run_of_the_full_study():
     listed = set(re.findall(r"wildcards: study=(\w+), run=(\S+)", proc.stdout))
     assert listed == {(s["study"], s["name"]) for s in runs.values()}
     combos = {(s["variant"], s["size"], s["context"]) for s in runs.values()}
-    assert {v for v, _, _ in combos} == {"full", "swa", "ttt_full", "ttt_swa"}
+    assert {v for v, _, _ in combos} == set(VARIANTS)
     assert {z for _, z, _ in combos} == {"500M", "1.5B", "4B", "8B", "14B"}
     assert "slurm_jobs=1" in proc.stdout  # every launched job counts against the Slurm cap

@@ -14,6 +14,7 @@ import torch
 from ltstudy.data.tokenizer import get_tokenizer
 from ltstudy.device import autocast, configure_threads, pick_device
 from ltstudy.evaluate.passkey_prompt import depth_grid, first_integer, passkey_prompt
+from ltstudy.models.rope import scaling_label, scalings_for_length
 from ltstudy.results.schemas import identity, write_table
 from ltstudy.train import load_trained
 
@@ -22,16 +23,16 @@ from ltstudy.train import load_trained
 def greedy_decode(
     model: torch.nn.Module, prompt: list[int], max_new_tokens: int, dtype: str
 ) -> list[int]:
-    """Greedy continuation (recomputes the full prefix each step; caches come with the zoo)."""
+    """Greedy continuation: one prefill of the prompt, then one token at a time via the cache."""
     device = next(model.parameters()).device
+    cache = model.new_cache()
     ids = torch.tensor([prompt], device=device)
     out = []
     for _ in range(max_new_tokens):
         with autocast(device, dtype):
-            logits = model(ids)[0, -1]
-        nxt = int(logits.argmax())
-        out.append(nxt)
-        ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], dim=1)
+            logits = model(ids, cache)[0, -1]
+        out.append(int(logits.argmax()))
+        ids = torch.tensor([[out[-1]]], device=device)
     return out
 
 
@@ -44,28 +45,36 @@ def evaluate_passkey(spec: Mapping[str, Any], out_path: str) -> None:
     rng = torch.Generator().manual_seed(cfg["seed"])
     rows = []
     for length in cfg["lengths"]:
-        correct = 0
-        for depth in depth_grid(cfg["depths"]):
-            for trial in range(cfg["trials"]):
-                key = int(torch.randint(1, 50001, (1,), generator=rng))
+        trials = [
+            (depth, trial, int(torch.randint(1, 50001, (1,), generator=rng)))
+            for depth in depth_grid(cfg["depths"])
+            for trial in range(cfg["trials"])
+        ]
+        for scaling in scalings_for_length(
+            model.cfg.rope_scaling, cfg["rope_scaling_beyond_context"], spec["context"], length
+        ):
+            model.set_rope_scaling(scaling)  # every method answers the same prompts
+            correct = 0
+            for depth, trial, key in trials:
                 prompt = passkey_prompt(tokenizer, length, depth, key)
                 new = greedy_decode(model, prompt, cfg["max_new_tokens"], spec["train"]["dtype"])
                 prediction = first_integer(tokenizer.decode(new))
-                ok = prediction == str(key)
-                correct += ok
+                correct += prediction == str(key)
                 rows.append(
                     {
                         **identity(spec),
                         "length": length,
+                        "rope": scaling_label(scaling),
                         "depth": depth,
                         "trial": trial,
                         "passkey": str(key),
                         "prediction": prediction,
-                        "correct": ok,
+                        "correct": prediction == str(key),
                     }
                 )
-        total = cfg["depths"] * cfg["trials"]
-        print(
-            f"[passkey {spec['run_id']}] length {length:,}: {correct}/{total} correct", flush=True
-        )
+            print(
+                f"[passkey {spec['run_id']}] length {length:,} rope {scaling_label(scaling)}: "
+                f"{correct}/{len(trials)} correct",
+                flush=True,
+            )
     write_table("passkey", rows, out_path)

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ltstudy.data.dataset import TokenData
 from ltstudy.device import autocast, configure_threads, pick_device
+from ltstudy.models.rope import scaling_label, scalings_for_length
 from ltstudy.results.schemas import identity, write_table
 from ltstudy.train import load_trained
 
@@ -53,32 +54,36 @@ def evaluate_perplexity(spec: Mapping[str, Any], out_path: str) -> None:
     data = TokenData.load(spec["data_dir"], "validation")
     rows = []
     for length in cfg["lengths"]:
-        budget = max(cfg["max_tokens"], length + 1)
         if data.n_tokens < length + 1:
             raise ValueError(
                 f"{spec['run_id']}: the validation split has {data.n_tokens:,} tokens, fewer than "
                 f"evaluation length {length:,}; lower evaluate.perplexity.lengths or use more data"
             )
-        tokens = data.head(budget)
+        tokens = data.head(max(cfg["max_tokens"], length + 1))
         stride = cfg["stride"] or max(1, length // 2)
-        nll, scored, windows = sliding_window_nll(
-            model, tokens, length, stride, spec["train"]["dtype"]
-        )
-        mean = nll / scored
-        rows.append(
-            {
-                **identity(spec),
-                "length": length,
-                "stride": stride,
-                "windows": windows,
-                "tokens_scored": scored,
-                "nll": mean,
-                "ppl": math.exp(mean),
-            }
-        )
-        print(
-            f"[perplexity {spec['run_id']}] length {length:,} stride {stride:,}: "
-            f"ppl {math.exp(mean):.3f} over {scored:,} tokens",
-            flush=True,
-        )
+        for scaling in scalings_for_length(
+            model.cfg.rope_scaling, cfg["rope_scaling_beyond_context"], spec["context"], length
+        ):
+            model.set_rope_scaling(scaling)
+            nll, scored, windows = sliding_window_nll(
+                model, tokens, length, stride, spec["train"]["dtype"]
+            )
+            mean = nll / scored
+            rows.append(
+                {
+                    **identity(spec),
+                    "length": length,
+                    "rope": scaling_label(scaling),
+                    "stride": stride,
+                    "windows": windows,
+                    "tokens_scored": scored,
+                    "nll": mean,
+                    "ppl": math.exp(mean),
+                }
+            )
+            print(
+                f"[perplexity {spec['run_id']}] length {length:,} stride {stride:,} "
+                f"rope {scaling_label(scaling)}: ppl {math.exp(mean):.3f} over {scored:,} tokens",
+                flush=True,
+            )
     write_table("perplexity", rows, out_path)

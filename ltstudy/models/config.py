@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -17,6 +17,7 @@ class TTTConfig:
     w_target: bool = True
     clip_tau: float | None = None
     clip_order: str = "after_eta"  # after_eta | before_eta
+    reset_at_documents: bool = False
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,10 @@ class ModelConfig:
     tie_embeddings: bool = False
     qk_norm: bool = False
     rope_base: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
     swa_window: int | None = None
+    mixer: dict[str, Any] = field(default_factory=dict)  # settings of the variant's own mixer
+    pretrained: str | None = None  # Hugging Face checkpoint the weights start from
     ttt: TTTConfig | None = None
     norm_eps: float = 1e-6
     init_std: float = 0.02

@@ -1,4 +1,4 @@
-"""Building blocks shared by every variant: RMSNorm, rotary embeddings, SwiGLU MLP."""
+"""Building blocks shared by the variants: norms, rotary application, SwiGLU, short conv."""
 
 from __future__ import annotations
 
@@ -17,19 +17,11 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
 
 
-class Rotary(nn.Module):
-    """cos/sin tables of rotary position embeddings (Hugging Face 'rotate_half' layout)."""
+class GatedRMSNorm(RMSNorm):
+    """RMSNorm(y) * silu(gate), the output norm of Mamba2 and Gated DeltaNet."""
 
-    def __init__(self, head_dim: int, base: float):
-        super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
-
-    def forward(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        t = torch.arange(seq_len, device=device, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq.to(device))
-        emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos(), emb.sin()
+    def forward(self, x: Tensor, gate: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward(x) * F.silu(gate)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -51,3 +43,26 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(self.activations(x))
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise conv over time (+ SiLU) with a cache of the last kernel-1 inputs."""
+
+    def __init__(self, channels: int, kernel: int = 4):
+        super().__init__()
+        self.kernel = kernel
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor, cache: dict | None = None, key: str = "conv") -> Tensor:
+        """x: [B, T, channels]. With a cache, continues from (and updates) cache[key]."""
+        h = x.transpose(1, 2)
+        if cache is not None and key in cache:
+            history = cache[key]
+        else:
+            history = h.new_zeros(h.shape[0], h.shape[1], self.kernel - 1)
+        h = torch.cat([history, h], dim=2)
+        if cache is not None:
+            cache[key] = h[:, :, h.shape[2] - (self.kernel - 1) :]
+        y = F.conv1d(h, self.weight.to(h.dtype), self.bias.to(h.dtype), groups=h.shape[1])
+        return F.silu(y).transpose(1, 2)

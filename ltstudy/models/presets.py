@@ -10,7 +10,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from ltstudy.data.tokenizer import tokenizer_vocab_size
-from ltstudy.models.variants import VARIANTS
+from ltstudy.models.hf_config import model_config, read_config
+from ltstudy.models.mixer_sizes import resolve_mixer
+from ltstudy.models.variants import VARIANTS, Variant
 
 _PAPER = {"vocab_size": 32000, "tie_embeddings": False, "qk_norm": False, "rope_base": 1e6}
 _QWEN3 = {"vocab_size": 151936, "qk_norm": True, "rope_base": 1e6, "swa_window": 4096}
@@ -79,6 +81,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "head_dim": 32,
         "d_ff": 384,
         "swa_window": 64,
+        "mixers": {"mamba2": {"head_dim": 32, "d_state": 32}, "lact": {"chunk_size": 128}},
     },
     "micro": {
         **_TINY,
@@ -89,9 +92,17 @@ SIZES: dict[str, dict[str, Any]] = {
         "head_dim": 16,
         "d_ff": 64,
         "swa_window": 8,
+        "mixers": {
+            "mamba2": {"head_dim": 8, "d_state": 8},
+            "lact": {"chunk_size": 16},
+            "gla": {"chunk_size": 8},
+            "deltanet": {"chunk_size": 16},
+            "hybrid": {"full_every": 2},
+        },
     },
 }
 _SIZE_DEFAULTS = {
+    "mixers": {},
     "vocab_size": None,
     "tie_embeddings": False,
     "qk_norm": False,
@@ -106,16 +117,22 @@ def resolve_model(
     overrides: Mapping[str, Any],
     extra_sizes: Mapping[str, Mapping[str, Any]] | None = None,
     tokenizer: str = "bytes",
+    context: int | None = None,
 ) -> dict[str, Any]:
     """The complete model config (a plain dict) of one run.
 
     Raises KeyError for an unknown size and ValueError for inconsistent settings.
     """
-    sizes = {**SIZES, **(extra_sizes or {})}
-    if size not in sizes:
-        raise KeyError(f"unknown size {size!r} (known: {', '.join(sizes)})")
     spec = VARIANTS[variant]
-    dims = {**_SIZE_DEFAULTS, **sizes[size]}
+    pretrained = overrides.get("pretrained")
+    if pretrained:
+        dims = _pretrained_dims(pretrained, spec)
+    else:
+        sizes = {**SIZES, **(extra_sizes or {})}
+        if size not in sizes:
+            raise KeyError(f"unknown size {size!r} (known: {', '.join(sizes)})")
+        dims = {**_SIZE_DEFAULTS, **sizes[size]}
+    preset_mixers = dims.pop("mixers", {})
     vocab = tokenizer_vocab_size(tokenizer)
     if dims["vocab_size"] is None:
         dims["vocab_size"] = vocab
@@ -129,10 +146,57 @@ def resolve_model(
     model = {"variant": variant, **dims}
     if not spec.windowed:
         model["swa_window"] = None
+    if overrides.get("rope_scaling") or not pretrained:
+        model["rope_scaling"] = resolve_rope_scaling(overrides.get("rope_scaling"), context)
+    model["pretrained"] = pretrained
+    mixer_overrides = {
+        **preset_mixers.get(spec.settings, {}),
+        **{k: v for k, v in (overrides.get(spec.settings or "") or {}).items() if v is not None},
+    }
+    model["mixer"] = resolve_mixer(spec.settings, dims, mixer_overrides)
+    if spec.settings == "mamba2" and model["mixer"]["n_heads"] % model["mixer"]["n_groups"]:
+        raise ValueError("mamba2.n_heads must be a multiple of mamba2.n_groups")
     model["ttt"] = (
         _resolve_ttt(dict(overrides.get("ttt", {})), dims["n_layers"]) if spec.ttt else None
     )
     return model
+
+
+def _pretrained_dims(path: str, spec: Variant) -> dict[str, Any]:
+    """Model dimensions of a Hugging Face checkpoint (the size preset is then only a label)."""
+    if spec.settings is not None:
+        raise ValueError("a pretrained checkpoint loads into attention variants only")
+    try:
+        hf = model_config(read_config(path))
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"pretrained: {err}") from None
+    keep = (
+        "vocab_size",
+        "d_model",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "head_dim",
+        "d_ff",
+        "tie_embeddings",
+        "qk_norm",
+        "rope_base",
+        "rope_scaling",
+        "norm_eps",
+    )
+    return {**{k: hf[k] for k in keep}, "swa_window": 4096}
+
+
+def resolve_rope_scaling(scaling: Mapping[str, Any] | None, context: int | None) -> dict | None:
+    """Fill a scaling method's original context (default: the training context)."""
+    if not scaling:
+        return None
+    out = {k: v for k, v in scaling.items() if v is not None}
+    if out.get("original_context") is None and out["type"] in ("dynamic", "yarn", "llama3"):
+        if context is None:
+            raise ValueError(f"rope_scaling {out['type']} needs original_context")
+        out["original_context"] = context
+    return out
 
 
 def _resolve_ttt(ttt: dict[str, Any], n_layers: int) -> dict[str, Any]:

@@ -9,7 +9,9 @@ Face's Llama/Qwen3 layout.
 from __future__ import annotations
 
 import importlib
+import math
 import zlib
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +19,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ltstudy.models.config import ModelConfig
-from ltstudy.models.layers import RMSNorm, Rotary, SwiGLU
+from ltstudy.models.layers import RMSNorm, SwiGLU
+from ltstudy.models.rope import Rotary
 from ltstudy.models.ttt import InPlaceTTTMLP
 from ltstudy.models.variants import VARIANTS
 
@@ -38,12 +41,29 @@ class Block(nn.Module):
         else:
             self.mlp = SwiGLU(cfg.d_model, cfg.d_ff)
 
-    def forward(self, x: Tensor, embeddings: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope)
+    def forward(
+        self,
+        x: Tensor,
+        embeddings: Tensor,
+        rope: tuple[Tensor, Tensor],
+        cache: dict | None = None,
+        doc_starts: Tensor | None = None,
+    ) -> Tensor:
+        mixer_cache = None if cache is None else cache.setdefault("mixer", {})
+        x = x + self.self_attn(self.input_layernorm(x), rope, mixer_cache)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, InPlaceTTTMLP):
-            return x + self.mlp(h, embeddings)
+            mlp_cache = None if cache is None else cache.setdefault("mlp", {})
+            return x + self.mlp(h, embeddings, mlp_cache, doc_starts)
         return x + self.mlp(h)
+
+
+@dataclass
+class Cache:
+    """Decoding state: per layer what its mixer and MLP keep, and the tokens seen so far."""
+
+    layers: list[dict] = field(default_factory=list)
+    position: int = 0
 
 
 class LanguageModel(nn.Module):
@@ -56,28 +76,44 @@ class LanguageModel(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
 
-    def hidden_states(self, input_ids: Tensor) -> Tensor:
-        """Final normalised hidden states [B, T, d_model]."""
+    def new_cache(self) -> Cache:
+        return Cache(layers=[{} for _ in self.layers])
+
+    def set_rope_scaling(self, scaling: dict | None) -> None:
+        """Change the position extension method (e.g. YaRN for one evaluation length)."""
+        self.rotary = Rotary(self.cfg.head_dim, self.cfg.rope_base, scaling)
+
+    def hidden_states(
+        self, input_ids: Tensor, cache: Cache | None = None, doc_starts: Tensor | None = None
+    ) -> Tensor:
+        """Final normalised hidden states [B, T, d_model]. With a cache, input_ids continue the
+        sequence the cache has seen, and the cache is updated."""
+        start = 0 if cache is None else cache.position
         embeddings = self.embed_tokens(input_ids)
-        rope = self.rotary(input_ids.shape[1], input_ids.device)
+        rope = self.rotary(start, input_ids.shape[1], input_ids.device)
         x = embeddings
-        for layer in self.layers:
-            x = layer(x, embeddings, rope)
+        for index, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else cache.layers[index]
+            x = layer(x, embeddings, rope, layer_cache, doc_starts)
+        if cache is not None:
+            cache.position += input_ids.shape[1]
         return self.norm(x)
 
-    def forward(self, input_ids: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, cache: Cache | None = None) -> Tensor:
         """Logits [B, T, vocab]."""
-        return self.lm_head(self.hidden_states(input_ids))
+        return self.lm_head(self.hidden_states(input_ids, cache))
 
-    def token_losses(self, input_ids: Tensor, labels: Tensor, chunk: int = 4096) -> Tensor:
+    def token_losses(
+        self, input_ids: Tensor, labels: Tensor, chunk: int = 4096, doc_starts: Tensor | None = None
+    ) -> Tensor:
         """Per-token cross-entropy [B, T] (0 where labels == -100).
 
         The LM head and softmax run in chunks of tokens, recomputed in the backward pass, so
         the [T, vocab] logits of a long sequence never exist all at once.
         """
-        hidden = self.hidden_states(input_ids)
+        hidden = self.hidden_states(input_ids, doc_starts=doc_starts)
         pieces = []
         for start in range(0, hidden.shape[1], chunk):
             h, y = hidden[:, start : start + chunk], labels[:, start : start + chunk]
@@ -118,14 +154,22 @@ def init_weights(model: LanguageModel, seed: int) -> None:
         g = torch.Generator(device=p.device).manual_seed(
             seed * 1_000_003 + zlib.crc32(name.encode())
         )
-        if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+        leaf = name.rsplit(".", 1)[-1]
+        if name.endswith("norm.weight") or name.endswith("layernorm.weight") or leaf == "D":
             p.fill_(1.0)
-        elif "ttt_conv" in name:
+        elif "ttt_conv" in name or leaf == "bias":
             p.zero_()
         elif "ttt_proj" in name:
             p.zero_()
             p.diagonal().normal_(0.0, std, generator=g)
-        elif name.endswith(("o_proj.weight", "down_proj.weight")):
+        elif leaf == "A_log":  # decay rates A in [1, 16], as in Mamba2
+            p.copy_(torch.empty_like(p).uniform_(1, 16, generator=g).log())
+        elif leaf == "dt_bias":  # softplus(dt_bias) = dt, log-uniform in [1e-3, 1e-1]
+            dt = torch.empty_like(p).uniform_(math.log(1e-3), math.log(1e-1), generator=g).exp()
+            p.copy_(dt + torch.log(-torch.expm1(-dt)))
+        elif leaf in ("w1", "w2", "w3") or (leaf == "weight" and "conv" in name):
+            p.normal_(0.0, p.shape[-1] ** -0.5, generator=g)  # LaCT fast weights, short convs
+        elif name.endswith(("o_proj.weight", "down_proj.weight", "out_proj.weight")):
             p.normal_(0.0, std / (2 * cfg.n_layers) ** 0.5, generator=g)
         else:
             p.normal_(0.0, std, generator=g)

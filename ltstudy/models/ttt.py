@@ -3,9 +3,15 @@
 The fast weight is written with V̂ = Conv1D(X) W_target, where X is the token embeddings (or the
 MLP's own input), the conv is depthwise over time and zero-initialised, and W_target starts
 diagonal. A zero conv gives V̂ = 0, so the layer starts exactly as its backbone MLP.
+
+Decoding keeps, per layer, what earlier chunks wrote (`S`) and the inputs of the chunk being
+filled; when that chunk completes its target is computed and its write applied, exactly as the
+chunked training form does.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -24,17 +30,21 @@ class TargetConv(nn.Module):
         self.kernel, self.padding, self.chunk_size = kernel, padding, chunk_size
         self.weight = nn.Parameter(torch.zeros(dim, 1, kernel))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, history: Tensor | None = None) -> Tensor:
+        """x: [B, T, D], starting at a chunk boundary. `history` holds the tokens before x
+        (only the causal padding reads them)."""
         B, T, D = x.shape
+        weight = self.weight.to(x.dtype)
         if self.padding == "causal":
-            h = F.pad(x.transpose(1, 2), (self.kernel - 1, 0))
-            return F.conv1d(h, self.weight.to(x.dtype), groups=D).transpose(1, 2)
+            if history is None:
+                history = x.new_zeros(B, self.kernel - 1, D)
+            h = torch.cat([history[:, history.shape[1] - (self.kernel - 1) :], x], dim=1)
+            return F.conv1d(h.transpose(1, 2), weight, groups=D).transpose(1, 2)
         C = self.chunk_size
         pad = -T % C
         h = F.pad(x, (0, 0, 0, pad)).view(-1, C, D).transpose(1, 2)  # [B*N, D, C]
         left = (self.kernel - 1) // 2
-        h = F.pad(h, (left, self.kernel - 1 - left))
-        h = F.conv1d(h, self.weight.to(x.dtype), groups=D)
+        h = F.conv1d(F.pad(h, (left, self.kernel - 1 - left)), weight, groups=D)
         return h.transpose(1, 2).reshape(B, T + pad, D)[:, :T]
 
 
@@ -49,18 +59,80 @@ class InPlaceTTTMLP(SwiGLU):
         )
         self.ttt_proj = nn.Linear(d_model, d_model, bias=False) if ttt.w_target else None
 
-    def target(self, source: Tensor) -> Tensor:
-        v = source if self.ttt_conv is None else self.ttt_conv(source)
+    def target(self, source: Tensor, history: Tensor | None = None) -> Tensor:
+        v = source if self.ttt_conv is None else self.ttt_conv(source, history)
         return v if self.ttt_proj is None else self.ttt_proj(v)
 
-    def forward(self, x: Tensor, embeddings: Tensor | None = None) -> Tensor:
-        source = x if self.ttt.target == "mlp_input" else embeddings
+    def _run_chunks(
+        self, z: Tensor, source: Tensor, state: Tensor | None = None, history: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         return inplace_ttt(
-            self.activations(x),
-            self.target(source),
+            z,
+            self.target(source, history),
             self.down_proj.weight,
             eta=self.ttt.eta,
             chunk_size=self.ttt.chunk_size,
             clip_tau=self.ttt.clip_tau,
             clip_order=self.ttt.clip_order,
+            state=state,
         )
+
+    def forward(
+        self,
+        x: Tensor,
+        embeddings: Tensor | None = None,
+        cache: dict | None = None,
+        doc_starts: Tensor | None = None,
+    ) -> Tensor:
+        source = x if self.ttt.target == "mlp_input" else embeddings
+        z = self.activations(x)
+        if cache is not None:
+            return self._forward_cached(z, source, cache)
+        if doc_starts is not None and self.ttt.reset_at_documents:
+            return self._forward_per_document(z, source, doc_starts)
+        return self._run_chunks(z, source)[0]
+
+    def _forward_per_document(self, z: Tensor, source: Tensor, doc_starts: Tensor) -> Tensor:
+        """Fast weights start again from W_down at every document start (a packed sequence is
+        processed as its separate documents, chunks aligned to each document)."""
+        rows = []
+        for b in range(z.shape[0]):
+            starts = [0, *[int(i) for i in doc_starts[b].nonzero().flatten() if i > 0], z.shape[1]]
+            pieces = [
+                self._run_chunks(z[b : b + 1, s:e], source[b : b + 1, s:e])[0]
+                for s, e in itertools.pairwise(starts)
+            ]
+            rows.append(torch.cat(pieces, dim=1))
+        return torch.cat(rows, dim=0)
+
+    def _forward_cached(self, z: Tensor, source: Tensor, cache: dict) -> Tensor:
+        C = self.ttt.chunk_size
+        outputs = []
+        # 1. Fill the pending chunk: apply the current fast weight, write once it is complete.
+        pending = cache.get("z")
+        if pending is not None:
+            take = min(C - pending.shape[1], z.shape[1])
+            zi, si = z[:, :take], source[:, :take]
+            outputs.append(
+                F.linear(zi, self.down_proj.weight) + torch.einsum("btf,bdf->btd", zi, cache["S"])
+            )
+            cache["z"] = torch.cat([pending, zi], dim=1)
+            cache["source"] = torch.cat([cache["source"], si], dim=1)
+            z, source = z[:, take:], source[:, take:]
+            if cache["z"].shape[1] == C:
+                _, cache["S"] = self._run_chunks(
+                    cache["z"], cache["source"], cache["S"], cache.get("history")
+                )
+                cache["history"] = cache["source"]
+                del cache["z"], cache["source"]
+        # 2. The rest starts at a chunk boundary: the chunked form, continuing from the state.
+        if z.shape[1]:
+            out, cache["S"] = self._run_chunks(z, source, cache.get("S"), cache.get("history"))
+            outputs.append(out)
+            tail = z.shape[1] % C
+            complete = z.shape[1] - tail
+            if complete:
+                cache["history"] = source[:, :complete][:, -max(self.ttt.conv_kernel - 1, 1) :]
+            if tail:
+                cache["z"], cache["source"] = z[:, complete:], source[:, complete:]
+        return torch.cat(outputs, dim=1)

@@ -49,20 +49,27 @@ def inplace_ttt(
     chunk_size: int,
     clip_tau: float | None = None,
     clip_order: str = "after_eta",
-) -> Tensor:
+    state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """Fast-weight MLP output for z: [B, T, F] (gated activations), v: [B, T, D] (targets).
 
-    w_down: [D, F] is the slow initial weight. Returns [B, T, D]. The slow part is a plain
-    F.linear and the fast part is added on top, so with v == 0 the output is bit-identical
-    to the backbone MLP.
+    w_down: [D, F] is the slow initial weight; `state` [B, D, F] is what earlier chunks already
+    added to it (decoding). Returns (output [B, T, D], state after the last complete chunk; a
+    trailing partial chunk's write waits until the chunk is complete). The slow part is a plain
+    F.linear and the fast part is added on top, so with v == 0 the output is bit-identical to
+    the backbone MLP.
     """
     T = z.shape[1]
     zc, vc = _chunked(z, chunk_size), _chunked(v, chunk_size)
     delta = torch.einsum("bncd,bncf->bndf", vc, zc)  # ΔW_i per chunk: [B, N, D, F]
     step = clip_update(delta, eta, clip_tau, clip_order)
     before = torch.cumsum(step, dim=1) - step  # exclusive prefix sum: Σ_{j<i} η ΔW_j
+    if state is not None:
+        before = before + state[:, None]
     fast = torch.einsum("bncf,bndf->bncd", zc, before).flatten(1, 2)[:, :T]
-    return F.linear(z, w_down) + fast
+    complete = step[:, : T // chunk_size].sum(dim=1)
+    final = complete if state is None else state + complete
+    return F.linear(z, w_down) + fast, final
 
 
 def inplace_ttt_reference(
@@ -74,14 +81,16 @@ def inplace_ttt_reference(
     chunk_size: int,
     clip_tau: float | None = None,
     clip_order: str = "after_eta",
-) -> Tensor:
+    state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """Sequential apply-then-update over chunks, one weight matrix per sequence."""
     B, T, _ = z.shape
-    weight = w_down.expand(B, *w_down.shape)
+    added = z.new_zeros(B, *w_down.shape) if state is None else state
     outputs = []
     for start in range(0, T, chunk_size):
         zi, vi = z[:, start : start + chunk_size], v[:, start : start + chunk_size]
-        outputs.append(torch.einsum("btf,bdf->btd", zi, weight))
-        delta = torch.einsum("btd,btf->bdf", vi, zi)
-        weight = weight + clip_update(delta, eta, clip_tau, clip_order)
-    return torch.cat(outputs, dim=1)
+        outputs.append(torch.einsum("btf,bdf->btd", zi, w_down + added))
+        if zi.shape[1] == chunk_size:
+            delta = torch.einsum("btd,btf->bdf", vi, zi)
+            added = added + clip_update(delta, eta, clip_tau, clip_order)
+    return torch.cat(outputs, dim=1), added

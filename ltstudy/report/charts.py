@@ -26,7 +26,7 @@ def leaderboard(
             .select("run_id", pl.col("ppl").alias("ppl_at_context"))
         )
         longest = (
-            perplexity.sort("length")
+            perplexity.sort("length", "ppl", descending=[False, True])
             .group_by("run_id")
             .last()
             .select(
@@ -73,19 +73,23 @@ def leaderboard_chart(board: pl.DataFrame) -> alt.Chart | None:
 
 
 def perplexity_vs_length(perplexity: pl.DataFrame) -> alt.Chart | None:
+    """One line per run and position method (dashed: an extension used beyond the context)."""
     if not perplexity.height:
         return None
-    base = alt.Chart(perplexity.select("run_id", "study", "variant", "size", "length", "ppl"))
+    data = perplexity.select("run_id", "study", "variant", "size", "length", "rope", "ppl")
+    data = data.with_columns((pl.col("run_id") + " " + pl.col("rope")).alias("series"))
     return (
-        base.mark_line(point=True)
+        alt.Chart(data)
+        .mark_line(point=True)
         .encode(
             x=alt.X(
                 "length:Q", scale=alt.Scale(type="log", base=2), title="evaluation length (tokens)"
             ),
             y=alt.Y("ppl:Q", scale=alt.Scale(zero=False), title="perplexity"),
             color=alt.Color("variant:N"),
-            detail="run_id:N",
-            tooltip=["run_id", "length", alt.Tooltip("ppl:Q", format=".3f")],
+            strokeDash=alt.StrokeDash("rope:N", title="position method"),
+            detail="series:N",
+            tooltip=["run_id", "length", "rope", alt.Tooltip("ppl:Q", format=".3f")],
         )
         .properties(width=320, height=220)
         .facet(column=alt.Column("size:N"), row=alt.Row("study:N"))
@@ -93,30 +97,38 @@ def perplexity_vs_length(perplexity: pl.DataFrame) -> alt.Chart | None:
 
 
 def passkey_heatmaps(passkey: pl.DataFrame) -> alt.Chart | None:
+    """One heatmap per run (and position method), wrapped five to a row."""
     if not passkey.height:
         return None
     cells = (
-        passkey.group_by("run_id", "variant", "study", "size", "length", "depth")
+        passkey.group_by("run_id", "variant", "study", "size", "length", "rope", "depth")
         .agg(pl.col("correct").mean().alias("accuracy"), pl.len().alias("trials"))
-        .with_columns((pl.col("depth") * 100).round(0).cast(pl.Int64).alias("depth_pct"))
+        .with_columns(
+            (pl.col("depth") * 100).round(0).cast(pl.Int64).alias("depth_pct"),
+            pl.when(pl.col("rope") == "none")
+            .then(pl.col("run_id"))
+            .otherwise(pl.col("run_id") + " (" + pl.col("rope") + ")")
+            .alias("panel"),
+        )
     )
-    base = alt.Chart(cells)
     return (
-        base.mark_rect()
+        alt.Chart(cells)
+        .mark_rect()
         .encode(
             x=alt.X("length:O", title="prompt length (tokens)"),
             y=alt.Y("depth_pct:O", title="needle depth (%)", sort="ascending"),
             color=alt.Color("accuracy:Q", scale=alt.Scale(domain=[0, 1], scheme="viridis")),
             tooltip=[
                 "run_id",
+                "rope",
                 "length",
                 "depth_pct",
                 alt.Tooltip("accuracy:Q", format=".2f"),
                 "trials",
             ],
         )
-        .properties(width=160, height=160)
-        .facet(column=alt.Column("variant:N"), row=alt.Row("study:N"))
+        .properties(width=150, height=150)
+        .facet(facet=alt.Facet("panel:N", title=None), columns=5)
     )
 
 

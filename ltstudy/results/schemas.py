@@ -36,6 +36,7 @@ TABLES: dict[str, pl.Schema] = {
     "perplexity": pl.Schema({
         **IDENTITY,
         "length": pl.Int64,
+        "rope": pl.String,
         "stride": pl.Int64,
         "windows": pl.Int64,
         "tokens_scored": pl.Int64,
@@ -45,6 +46,7 @@ TABLES: dict[str, pl.Schema] = {
     "passkey": pl.Schema({
         **IDENTITY,
         "length": pl.Int64,
+        "rope": pl.String,
         "depth": pl.Float64,
         "trial": pl.Int64,
         "passkey": pl.String,

@@ -1,5 +1,5 @@
 # Config validation, the run table, and helpers shared by every rule file.
-import json
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
@@ -17,7 +17,8 @@ from ltstudy.config import expand_runs  # noqa: E402
 RUNS = expand_runs(CONFIG)
 RESULTS = CONFIG["results_dir"]
 REPORTS = CONFIG["reports_dir"]
-DATA_DIR = f"{RESULTS}/data"
+# Each distinct data configuration (corpus + tokenizer) is tokenized once, in its own folder.
+DATA = {Path(s["data_dir"]).name: s["data"] for s in RUNS.values()}
 RUN_DIR = RESULTS + "/runs/{study}/{run}"
 # The stage that writes each per-run table.
 TABLE_STAGE = {
@@ -32,6 +33,7 @@ wildcard_constraints:
     study="[A-Za-z][A-Za-z0-9_]*",
     run="[^/]+",
     table="|".join(RUN_FILES),
+    data_id="[0-9a-f]+",
 
 
 def spec(wildcards):
@@ -41,6 +43,10 @@ def spec(wildcards):
             f"unknown run {run_id!r}; `ltstudy runs` lists the runs of this config"
         )
     return RUNS[run_id]
+
+
+def run_manifest(wildcards):
+    return f"{spec(wildcards)['data_dir']}/manifest.json"
 
 
 def run_file(run_id, table):

@@ -4,7 +4,7 @@
 rule perplexity:
     input:
         model=rules.train.output.model,
-        manifest=rules.prepare_data.output.manifest,
+        manifest=run_manifest,
     output:
         table=f"{RUN_DIR}/perplexity.parquet",
     priority: 2

@@ -3,7 +3,8 @@
 
 rule train:
     input:
-        manifest=rules.prepare_data.output.manifest,
+        manifest=run_manifest,
+        init=lambda wildcards: [f"{d}/model.pt" for d in [spec(wildcards).get("init_from_dir")] if d],
     output:
         model=f"{RUN_DIR}/model.pt",
         curve=f"{RUN_DIR}/train_curve.parquet",

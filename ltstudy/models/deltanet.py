@@ -1,0 +1,58 @@
+"""Gated DeltaNet (Yang et al., ICLR 2025): the delta rule with a Mamba2-style scalar decay.
+
+q, k, v pass a short causal conv; q and k are L2-normalised per head; β = sigmoid(b_proj x);
+decay g = -exp(A_log) · softplus(a_proj x + dt_bias). Output: gated RMSNorm, then projection.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ltstudy.models.config import ModelConfig
+from ltstudy.models.layers import GatedRMSNorm, ShortConv
+from ltstudy.ops.delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        m = cfg.mixer
+        self.n_heads, self.head_dim, self.chunk_size = m["n_heads"], m["head_dim"], m["chunk_size"]
+        d, inner = cfg.d_model, self.n_heads * self.head_dim
+        self.q_proj = nn.Linear(d, inner, bias=False)
+        self.k_proj = nn.Linear(d, inner, bias=False)
+        self.v_proj = nn.Linear(d, inner, bias=False)
+        self.g_proj = nn.Linear(d, inner, bias=False)
+        self.a_proj = nn.Linear(d, self.n_heads, bias=False)
+        self.b_proj = nn.Linear(d, self.n_heads, bias=False)
+        self.A_log = nn.Parameter(torch.zeros(self.n_heads))
+        self.dt_bias = nn.Parameter(torch.zeros(self.n_heads))
+        self.q_conv = ShortConv(inner, m["conv_size"])
+        self.k_conv = ShortConv(inner, m["conv_size"])
+        self.v_conv = ShortConv(inner, m["conv_size"])
+        self.o_norm = GatedRMSNorm(self.head_dim, cfg.norm_eps)
+        self.o_proj = nn.Linear(inner, d, bias=False)
+
+    def forward(self, x: Tensor, rope: object = None, cache: dict | None = None) -> Tensor:
+        B, T, _ = x.shape
+
+        def heads(t: Tensor) -> Tensor:
+            return t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+
+        q = F.normalize(heads(self.q_conv(self.q_proj(x), cache, "q_conv")), dim=-1)
+        k = F.normalize(heads(self.k_conv(self.k_proj(x), cache, "k_conv")), dim=-1)
+        v = heads(self.v_conv(self.v_proj(x), cache, "v_conv"))
+        beta = torch.sigmoid(self.b_proj(x)).transpose(1, 2)  # [B, H, T]
+        g = (-self.A_log.exp() * F.softplus(self.a_proj(x) + self.dt_bias)).transpose(1, 2)
+        state = None if cache is None else cache.get("S")
+        scale = self.head_dim**-0.5
+        if T == 1 and cache is not None:
+            o, state = recurrent_gated_delta_rule(q, k, v, g, beta, scale, state)
+        else:
+            o, state = chunk_gated_delta_rule(q, k, v, g, beta, scale, state, self.chunk_size)
+        if cache is not None:
+            cache["S"] = state
+        o = self.o_norm(o.transpose(1, 2), self.g_proj(x).view(B, T, self.n_heads, self.head_dim))
+        return self.o_proj(o.flatten(2))

@@ -1,0 +1,118 @@
+"""Gated linear attention: a matrix state decayed by a gate, written with k vᵀ, read with q.
+
+    S_t = diag(exp(g_t)) S_{t-1} + k_t v_tᵀ        o_t = scale · q_tᵀ S_t
+
+`g` is a log-decay (<= 0). With a gate per key dimension (g: [B, H, T, K]) this is GLA; with one
+gate per head (g: [B, H, T]) it is Mamba2's SSD (q = C, k = B, v = x·dt, g = A·dt).
+
+Inputs are [batch, heads, time, dim]; the state is [batch, heads, K, V]. Each op returns
+(output, final_state). The chunkwise forms compute within-chunk interactions in parallel and pass
+the state between chunks; `recurrent_*` are the token-by-token references (and the decode step).
+Decay factors only ever appear as exp(<= 0), so no form overflows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _pad_time(x: Tensor, multiple: int) -> Tensor:
+    pad = -x.shape[2] % multiple
+    if not pad:
+        return x
+    return F.pad(x, (0, 0, 0, pad)) if x.dim() == 4 else F.pad(x, (0, pad))
+
+
+def _initial_state(q: Tensor, v: Tensor, state: Tensor | None) -> Tensor:
+    B, H, _, K = q.shape
+    if state is None:
+        return q.new_zeros(B, H, K, v.shape[-1])
+    return state.to(q.dtype)
+
+
+def recurrent_gla(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, state: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Reference: one token at a time. g is [B,H,T,K] (per key) or [B,H,T] (per head)."""
+    S = _initial_state(q, v, state)
+    if g.dim() == 3:
+        g = g[..., None].expand_as(k)
+    outputs = []
+    for t in range(q.shape[2]):
+        S = g[:, :, t, :, None].exp() * S + k[:, :, t, :, None] * v[:, :, t, None, :]
+        outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, :, t] * scale, S))
+    return torch.stack(outputs, dim=2), S
+
+
+def _scan_chunks(
+    q_decayed: Tensor, k_to_end: Tensor, v: Tensor, chunk_decay: Tensor, state: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Pass the state across chunks: returns the inter-chunk output [B,H,N,C,V] and the final
+    state. chunk_decay is [B,H,N,K] (per key) and broadcasts over V."""
+    outputs = []
+    for n in range(q_decayed.shape[2]):
+        outputs.append(q_decayed[:, :, n] @ state)
+        state = (
+            chunk_decay[:, :, n, :, None] * state + k_to_end[:, :, n].transpose(-1, -2) @ v[:, :, n]
+        )
+    return torch.stack(outputs, dim=2), state
+
+
+def chunk_gla(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    scale: float,
+    state: Tensor | None = None,
+    chunk_size: int = 16,
+) -> tuple[Tensor, Tensor]:
+    """Chunkwise GLA with a gate per key dimension (g: [B, H, T, K]).
+
+    Within a chunk the decay between positions s <= t differs per key dimension, so the
+    attention scores use an explicit [C, C, K] decay tensor (memory T·C·K per head; keep C small).
+    """
+    T, C = q.shape[2], chunk_size
+    S0 = _initial_state(q, v, state)
+    q, k, v, g = (_pad_time(x, C).unflatten(2, (-1, C)) for x in (q, k, v, g))
+    q = q * scale
+    b = g.cumsum(dim=3)  # log decay from the chunk start to t (inclusive)
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    diff = (b[..., :, None, :] - b[..., None, :, :]).masked_fill(~causal[..., None], float("-inf"))
+    scores = torch.einsum("bhntk,bhnsk,bhntsk->bhnts", q, k, diff.exp())
+    intra = scores @ v
+    inter, S = _scan_chunks(
+        q * b.exp(), k * (b[:, :, :, -1:] - b).exp(), v, b[:, :, :, -1].exp(), S0
+    )
+    out = (intra + inter).flatten(2, 3)[:, :, :T]
+    return out, S
+
+
+def chunk_scalar_gla(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    scale: float,
+    state: Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[Tensor, Tensor]:
+    """Chunkwise form with one gate per head (g: [B, H, T]), as in Mamba2's SSD."""
+    B, H, T, K = q.shape
+    C = chunk_size
+    S0 = _initial_state(q, v, state)
+    q, k, v = (_pad_time(x, C).unflatten(2, (-1, C)) for x in (q, k, v))
+    g = _pad_time(g, C).unflatten(2, (-1, C))
+    q = q * scale
+    b = g.cumsum(dim=3)  # [B, H, N, C]
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    decay = (b[..., :, None] - b[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    intra = ((q @ k.transpose(-1, -2)) * decay) @ v
+    chunk_decay = b[:, :, :, -1, None].exp().expand(B, H, b.shape[2], K)
+    inter, S = _scan_chunks(
+        q * b[..., None].exp(), k * (b[..., -1:] - b)[..., None].exp(), v, chunk_decay, S0
+    )
+    out = (intra + inter).flatten(2, 3)[:, :, :T]
+    return out, S
