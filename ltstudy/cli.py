@@ -9,6 +9,8 @@ stage STAGE RUN [CONFIG]  run one stage of one run in this process, without subm
 collect [CONFIG]          gather the per-run results that exist (failed runs included) into
                           the tables and rebuild the report, e.g. after `--keep-going`
 report [--results R] [--reports P]   rebuild the HTML report from results tables
+throughput [--variants ...] [--sizes ...] [--contexts ...]   benchmark on random weights:
+                          print a table, write results/benchmarks/throughput-<device>.{parquet,md}
 """
 
 from __future__ import annotations
@@ -39,17 +41,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from ltstudy.results.schemas import RUN_FILES
+    from ltstudy.results.schemas import stage_outputs
 
-    stage_file = {
-        "train": RUN_FILES["train_curves"],
-        "perplexity": RUN_FILES["perplexity"],
-        "passkey": RUN_FILES["passkey"],
-        "throughput": RUN_FILES["throughput"],
-    }
     for run_id, spec in _runs(args.config).items():
         if args.targets:
-            print(" ".join(f"{spec['run_dir']}/{stage_file[s]}" for s in spec["stages"]))
+            files = [f for s in spec["stages"] for f in stage_outputs(spec["run_dir"], s).values()]
+            print(" ".join(files))
         else:
             print(run_id)
     return 0
@@ -99,22 +96,88 @@ def cmd_sizes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_throughput(args: argparse.Namespace) -> int:
+    import torch
+
+    from ltstudy.config import context_label
+    from ltstudy.device import device_name, pick_device
+    from ltstudy.evaluate.throughput import benchmark
+    from ltstudy.io import atomic_path
+    from ltstudy.models.presets import resolve_model
+    from ltstudy.results.schemas import write_table
+
+    device = pick_device()
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    settings = default_settings()
+    context = max(args.contexts)
+    throughput = {
+        **settings["evaluate"]["throughput"],
+        "contexts": args.contexts,
+        "modes": args.modes,
+        "batch_size": args.batch_size,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "decode_tokens": args.decode_tokens,
+        "peak_tflops": args.peak_tflops,
+    }
+    specs = [
+        {
+            "run_id": f"benchmark/{variant}-{size}",
+            "study": "benchmark",
+            "variant": variant,
+            "size": size,
+            "context": context,
+            "seed": 0,
+            "model": resolve_model(variant, size, settings["model"], context=context),
+            "train": {"dtype": dtype},
+            "evaluate": {"throughput": throughput},
+        }
+        for size in args.sizes
+        for variant in args.variants
+    ]
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or torch.get_num_threads())
+    frame = benchmark(specs, args.peak_tflops)
+    header = (
+        f"{'variant':<10} {'size':<6} {'context':>8} {'mode':<8} {'tokens/s':>12} "
+        f"{'memory MB':>10} {'MFU %':>7}"
+    )
+    lines = [
+        f"# throughput on {device_name(device)} ({dtype}, batch {args.batch_size})",
+        "",
+        "```",
+        header,
+    ]
+    for row in frame.iter_rows(named=True):
+        ok = row["status"] == "ok"
+        speed = f"{row['tokens_per_s']:>12,.0f}" if ok else f"{'OOM':>12}"
+        memory = f"{row['peak_memory_mb']:>10,.0f}" if ok else f"{'-':>10}"
+        mfu = f"{100 * row['mfu']:>7.2f}" if ok else f"{'-':>7}"
+        lines.append(
+            f"{row['variant']:<10} {row['size']:<6} {context_label(row['seq_len']):>8} "
+            f"{row['mode']:<8} {speed} {memory} {mfu}"
+        )
+    lines.append("```")
+    print("\n".join(lines[3:-1]))
+    slug = "".join(c if c.isalnum() else "-" for c in device_name(device).lower()).strip("-")
+    out = Path(args.out) / f"throughput-{slug}"
+    write_table("throughput", frame, out.with_suffix(".parquet"))
+    with atomic_path(out.with_suffix(".md")) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out.with_suffix('.parquet')} and {out.with_suffix('.md')}")
+    return 0
+
+
 def cmd_stage(args: argparse.Namespace) -> int:
     from ltstudy.jobs import run_stage
-    from ltstudy.results.schemas import RUN_FILES
+    from ltstudy.results.schemas import stage_outputs
 
     runs = _runs(args.config)
     if args.run not in runs:
         print(f"unknown run {args.run!r}; `ltstudy runs {args.config}` lists them", file=sys.stderr)
         return 2
     spec = runs[args.run]
-    table = {"perplexity": "perplexity", "passkey": "passkey", "throughput": "throughput"}
-    outputs = (
-        {"table": f"{spec['run_dir']}/{RUN_FILES[table[args.stage]]}"}
-        if args.stage in table
-        else {}
-    )
-    run_stage(args.stage, spec, outputs)
+    run_stage(args.stage, spec, stage_outputs(spec["run_dir"], args.stage))
     return 0
 
 
@@ -160,8 +223,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=32768, help="context of the FLOP count")
     p.add_argument("--sizes", nargs="*", help="size presets (default: 500M ... 14B)")
     p.set_defaults(fn=cmd_sizes)
+    from ltstudy.models.variants import VARIANTS
+
+    p = sub.add_parser("throughput", help="benchmark variants on random weights, print a table")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--sizes", nargs="+", default=["demo"])
+    p.add_argument("--contexts", nargs="+", type=int, default=[512, 1024, 2048])
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        default=["train", "prefill", "decode"],
+        choices=["train", "prefill", "decode"],
+    )
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--decode-tokens", type=int, default=16)
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: measured)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    p.add_argument("--out", default="results/benchmarks")
+    p.set_defaults(fn=cmd_throughput)
     p = sub.add_parser("stage")
-    p.add_argument("stage", choices=["train", "perplexity", "passkey", "throughput"])
+    p.add_argument("stage", choices=["train", "perplexity", "passkey", "ruler", "throughput"])
     p.add_argument("run")
     p.add_argument("config", nargs="?", default=DEFAULT_CONFIG)
     p.set_defaults(fn=cmd_stage)

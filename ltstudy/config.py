@@ -8,6 +8,7 @@ pure function of its spec (its `config_hash` identifies it).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import itertools
 import json
@@ -21,12 +22,12 @@ import yaml
 
 from ltstudy.data.tokenizer import get_tokenizer
 from ltstudy.evaluate.passkey_prompt import min_prompt_length
+from ltstudy.evaluate.ruler import check_length
 from ltstudy.models.presets import SIZES, resolve_model
 from ltstudy.models.variants import VARIANTS
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
-STAGES = ("train", "perplexity", "passkey", "throughput")
-EVAL_STAGES = ("perplexity", "passkey", "throughput")
+STAGES = ("train", "perplexity", "passkey", "ruler", "throughput")
 RUN_FIELDS = ("variant", "size", "context", "seed")
 
 
@@ -261,6 +262,15 @@ def _check_choice(value: str, known: Mapping, field: str, what: str, source: str
         )
 
 
+@functools.cache
+def _ruler_prompt_fits(task: str, tokenizer: str, length: int) -> bool:
+    try:
+        check_length(task, get_tokenizer(tokenizer), length)
+    except ValueError:
+        return False
+    return True
+
+
 def resolve_run(config: Mapping, study: Mapping, name: str, settings: dict, source: str) -> dict:
     """Turn merged settings into a complete run spec, with semantic checks."""
     _check_choice(settings["variant"], VARIANTS, "variant", "variant", source)
@@ -314,10 +324,17 @@ def resolve_run(config: Mapping, study: Mapping, name: str, settings: dict, sour
             f"the bare prompt ({shortest} tokens)"
         )
 
+    for task in evaluate["ruler"]["tasks"]:
+        if not _ruler_prompt_fits(task, data["tokenizer"], min(evaluate["ruler"]["lengths"])):
+            raise ConfigError(
+                f"{source}: config field `evaluate.ruler.lengths`: "
+                f"{min(evaluate['ruler']['lengths'])} tokens cannot hold a {task} prompt"
+            )
+
     stages = list(study.get("stages", STAGES))
-    if ("passkey" in stages or "perplexity" in stages) and "train" not in stages:
+    if {"passkey", "perplexity", "ruler"} & set(stages) and "train" not in stages:
         raise ConfigError(
-            f"{source}: config field `stages`: perplexity and passkey evaluate a trained "
+            f"{source}: config field `stages`: perplexity, passkey and ruler evaluate a trained "
             "model, so `train` must be a stage too"
         )
     results_dir = config.get("results_dir", "results")

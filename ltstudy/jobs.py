@@ -18,11 +18,15 @@ def run_stage(stage: str, payload: Mapping[str, Any], outputs: Mapping[str, str]
     if stage == "perplexity":
         from ltstudy.evaluate.perplexity import evaluate_perplexity
 
-        return evaluate_perplexity(payload, outputs["table"])
+        return evaluate_perplexity(payload, outputs)
     if stage == "passkey":
         from ltstudy.evaluate.passkey import evaluate_passkey
 
         return evaluate_passkey(payload, outputs["table"])
+    if stage == "ruler":
+        from ltstudy.evaluate.ruler_eval import evaluate_ruler
+
+        return evaluate_ruler(payload, outputs["table"])
     if stage == "throughput":
         from ltstudy.evaluate.throughput import evaluate_throughput
 

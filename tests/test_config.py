@@ -15,7 +15,7 @@ def test_micro_config_expands(micro_raw):
     assert spec["train"]["lr"] == 3.0e-3 and spec["train"]["weight_decay"] == 0.1  # default
     assert spec["model"]["swa_window"] == 8 and spec["model"]["ttt"]["layers"] == [0, 1]
     assert runs["micro/full-micro-64"]["model"]["ttt"] is None
-    assert spec["stages"] == ["train", "perplexity", "passkey", "throughput"]
+    assert spec["stages"] == ["train", "perplexity", "passkey", "ruler", "throughput"]
 
 
 def test_shipped_configs_are_valid():
@@ -95,3 +95,9 @@ def test_cli_validate_reports_bad_config(micro_raw, tmp_path, capsys):
     path = write_config(tmp_path / "c.yaml", micro_raw)
     assert main(["validate", str(path)]) == 2
     assert "unknown size 'huge'" in capsys.readouterr().err
+
+
+def test_ruler_lengths_too_short_for_a_task_fail_at_once(micro_raw):
+    micro_raw["defaults"]["evaluate"]["ruler"]["lengths"] = [300]
+    with pytest.raises(ConfigError, match=r"evaluate\.ruler\.lengths.*300 tokens cannot hold"):
+        validate_config(micro_raw)

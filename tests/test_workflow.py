@@ -43,8 +43,12 @@ def test_study_writes_every_table_with_its_schema(study):
     ppl = pl.read_parquet(workdir / "results" / "perplexity.parquet")
     assert set(ppl["length"]) == {64, 128} and (ppl["ppl"] > 1).all()
     # beyond the training context: the run's own positions and YaRN, for the attention variants
-    full = ppl.filter(pl.col("run_id") == RUNS[0]).sort("length", "rope")
-    assert full.select("length", "rope").rows() == [(64, "none"), (128, "none"), (128, "yarn x2")]
+    full = ppl.filter((pl.col("run_id") == RUNS[0]) & (pl.col("protocol") == "stride"))
+    assert full.sort("length", "rope").select("length", "rope").rows() == [
+        (64, "none"),
+        (128, "none"),
+        (128, "yarn x2"),
+    ]
     curves = pl.read_parquet(workdir / "results" / "train_curves.parquet")
     assert curves.group_by("run_id").len()["len"].to_list() == [12] * 3
 
@@ -72,7 +76,8 @@ def test_job_logs_live_next_to_run_outputs(study):
 def test_report_page_has_every_section(study):
     workdir, _ = study
     page = (workdir / "reports" / "index.html").read_text()
-    assert page.count('class="chart"') == 5 and "<table>" in page
+    assert page.count('class="chart"') == 8 and "<table>" in page
+    assert "qa_1: skipped" in page  # skipped RULER tasks are named with their reason
     assert 'src="assets/vega-bundle.js"' in page and "cdn" not in page.lower()
     assert (workdir / "reports" / "assets" / "vega-bundle.js").stat().st_size > 500_000
 
@@ -90,24 +95,26 @@ def test_deleting_outputs_rebuilds_only_what_depends_on_them(study):
     proc = snakemake(workdir, "--configfile=micro.yaml", "-n", "all")
     assert job_counts(proc.stdout + proc.stderr) == {
         "perplexity": 1,
-        "collect_table": 1,
+        "collect_table": 2,  # perplexity and position_loss
         "collect_runs": 1,
         "report": 1,
         "all": 1,
-        "total": 5,
+        "total": 6,
     }
     (run_dir / "model.pt").unlink()
     proc = snakemake(workdir, "--configfile=micro.yaml", "-n", "all")
     counts = job_counts(proc.stdout + proc.stderr)
     assert counts["train"] == 1 and counts["passkey"] == 1 and counts["perplexity"] == 1
+    assert counts["ruler"] == 1
     assert "throughput" not in counts and "prepare_data" not in counts
     assert RUNS[1] not in proc.stdout.split("Job stats:")[0].replace("micro.yaml", "")
     # rebuild just that run by its target, as the README documents
     snakemake(workdir, "--configfile=micro.yaml", f"results/runs/{RUNS[0]}/perplexity.parquet")
     assert (run_dir / "perplexity.parquet").exists() and (run_dir / "model.pt").exists()
-    # the retrained model makes that run's passkey result stale: `all` brings everything up to date
+    # the retrained model makes that run's passkey and RULER results stale: `all` updates them
     proc = snakemake(workdir, "--configfile=micro.yaml", "all")
-    assert job_counts(proc.stdout + proc.stderr)["passkey"] == 1
+    counts = job_counts(proc.stdout + proc.stderr)
+    assert counts["passkey"] == 1 and counts["ruler"] == 1
     assert "Nothing to be done" in snakemake(workdir, "--configfile=micro.yaml", "-n", "all").stdout
 
 

@@ -12,6 +12,7 @@ documents are added or removed.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from ltstudy.data.corpus import iter_documents
+from ltstudy.data.corpus import Document, iter_documents
+from ltstudy.data.synthetic import recall_documents
+from ltstudy.data.text import split_sentences, vocabulary
 from ltstudy.data.tokenizer import get_tokenizer
 from ltstudy.io import atomic_path, read_json, write_json
 
@@ -77,12 +80,11 @@ def build_dataset(data_cfg: Mapping[str, Any], out_dir: str | Path) -> dict[str,
     tokenizer = get_tokenizer(data_cfg["tokenizer"])
     writers = {s: _ShardWriter(out_dir, s) for s in SPLITS}
     rows: list[dict[str, Any]] = []
-    total_bytes, started = 0, time.time()
-    for doc in iter_documents(data_cfg["corpus"]):
+    total_bytes, train_bytes, started = 0, 0, time.time()
+    samples: list[str] = []  # some training texts, for the synthetic documents' words and filler
+
+    def add(doc: Document, split: str) -> None:
         raw = doc.text.encode("utf-8")
-        if not raw:
-            continue
-        split = document_split(doc.id, data_cfg["validation_fraction"], data_cfg["seed"])
         tokens = np.asarray([*tokenizer.encode(doc.text), tokenizer.eos_id], dtype=np.uint16)
         shard, offset = writers[split].position
         writers[split].add(tokens)
@@ -96,11 +98,35 @@ def build_dataset(data_cfg: Mapping[str, Any], out_dir: str | Path) -> dict[str,
                 "sha256": hashlib.sha256(raw).hexdigest(),
             }
         )
+
+    for doc in iter_documents(data_cfg["corpus"]):
+        raw = doc.text.encode("utf-8")
+        if not raw:
+            continue
+        split = document_split(doc.id, data_cfg["validation_fraction"], data_cfg["seed"])
+        add(doc, split)
+        if split == "train":
+            train_bytes += len(raw)
+            if len(samples) < 200:
+                samples.append(doc.text)
         total_bytes += len(raw)
         if len(rows) % 1000 == 0:
             print(f"[data] {len(rows)} documents, {total_bytes / 1e6:.1f} MB", flush=True)
         if data_cfg.get("max_bytes") and total_bytes >= data_cfg["max_bytes"]:
             break
+    synthetic = data_cfg.get("synthetic") or {}
+    if synthetic.get("fraction"):
+        share = synthetic["fraction"] / (1 - synthetic["fraction"])
+        count = math.ceil(share * train_bytes / synthetic["size"])
+        for doc in recall_documents(
+            count,
+            synthetic["seed"],
+            vocabulary(samples)[:2000],
+            split_sentences(samples),
+            synthetic["size"],
+        ):
+            add(doc, "train")
+        print(f"[data] added {count} synthetic recall documents to the training split", flush=True)
     for w in writers.values():
         w.flush()
     for split in SPLITS:
@@ -194,3 +220,22 @@ class TokenData:
             if need <= 0:
                 break
         return torch.from_numpy(np.concatenate(out))
+
+
+def document_texts(
+    data_dir: str | Path, split: str, tokenizer, max_documents: int | None = None
+) -> list[str]:
+    """The texts of a split's documents, decoded from the shards (for haystacks)."""
+    import polars as pl
+
+    data_dir = Path(data_dir)
+    docs = pl.read_parquet(data_dir / "documents.parquet").filter(pl.col("split") == split)
+    if max_documents is not None:
+        docs = docs.head(max_documents)
+    shards = TokenData.load(data_dir, split).shards
+    return [
+        tokenizer.decode(
+            shards[row["shard"]][row["offset"] : row["offset"] + row["tokens"] - 1].tolist()
+        )
+        for row in docs.iter_rows(named=True)
+    ]

@@ -1,16 +1,22 @@
-"""Sliding-window perplexity (the stride method of Hugging Face's perplexity guide).
+"""Perplexity by three protocols, at each evaluation length and position method.
 
-Windows of `length` tokens move by `stride`; each window scores only the tokens that earlier
-windows did not (the overlap is labelled -100), so every token is scored once, with up to
-length - stride tokens of context. Perplexity is exp of the mean NLL over scored tokens.
+stride       Hugging Face's sliding window: windows of `length` tokens move by `stride`; each
+             scores only tokens no earlier window scored (the overlap is labelled -100), so
+             every token counts once; perplexity = exp(total NLL / scored tokens).
+final_block  The In-Place TTT paper's protocol: the perplexity of a fixed final block of each
+             long validation document as the context before it grows (`length` tokens).
+by_position  Loss by token position: mean NLL per position bucket over the first `length`
+             tokens of long validation documents (recurrent models are judged this way).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from typing import Any
 
+import polars as pl
 import torch
 from torch import Tensor
 
@@ -21,69 +27,165 @@ from ltstudy.results.schemas import identity, write_table
 from ltstudy.train import load_trained
 
 
-@torch.no_grad()
+def _losses(model: torch.nn.Module, window: Tensor, labels: Tensor, dtype: str) -> Tensor:
+    device = next(model.parameters()).device
+    with torch.no_grad(), autocast(device, dtype):
+        return model.token_losses(window[None, :-1].to(device), labels[None].to(device))[0].float()
+
+
 def sliding_window_nll(
     model: torch.nn.Module, tokens: Tensor, length: int, stride: int, dtype: str = "bf16"
 ) -> tuple[float, int, int]:
     """(summed NLL, scored tokens, windows) over a 1-D token tensor."""
-    device = next(model.parameters()).device
     n = tokens.numel()
     nll_sum, scored, windows, prev_end = 0.0, 0, 0, 0
     for begin in range(0, n - 1, stride):
         end = min(begin + length, n - 1)
-        window = tokens[begin : end + 1].to(device)[None]
-        labels = window[:, 1:].clone()
+        window = tokens[begin : end + 1]
+        labels = window[1:].clone()
         fresh = end - prev_end  # tokens not scored by an earlier window
-        labels[:, : labels.shape[1] - fresh] = -100
-        with autocast(device, dtype):
-            losses = model.token_losses(window[:, :-1], labels)
-        nll_sum += float(losses.sum())
-        scored += fresh
-        windows += 1
-        prev_end = end
+        labels[: labels.numel() - fresh] = -100
+        nll_sum += float(_losses(model, window, labels, dtype).sum())
+        scored, windows, prev_end = scored + fresh, windows + 1, end
         if end == n - 1:
             break
     return nll_sum, scored, windows
 
 
-def evaluate_perplexity(spec: Mapping[str, Any], out_path: str) -> None:
+def final_block_nll(
+    model: torch.nn.Module, documents: list[Tensor], length: int, block: int, dtype: str = "bf16"
+) -> tuple[float, int, int]:
+    """(summed NLL, scored tokens, documents) of each document's last `block` tokens, read
+    after the `length` tokens before them."""
+    nll_sum, scored = 0.0, 0
+    for doc in documents:
+        window = doc[doc.numel() - block - length - 1 :]
+        labels = window[1:].clone()
+        labels[:length] = -100
+        nll_sum += float(_losses(model, window, labels, dtype).sum())
+        scored += block
+    return nll_sum, scored, len(documents)
+
+
+def loss_by_position(
+    model: torch.nn.Module, documents: list[Tensor], length: int, buckets: int, dtype: str = "bf16"
+) -> list[dict[str, Any]]:
+    """Mean NLL per bucket of token positions over the first `length` tokens of documents."""
+    total = torch.zeros(length)
+    for doc in documents:
+        window = doc[: length + 1]
+        total += _losses(model, window, window[1:], dtype).cpu()
+    mean = total / len(documents)
+    edges = [round(i * length / buckets) for i in range(buckets + 1)]
+    return [
+        {
+            "bucket_start": lo,
+            "bucket_end": hi,
+            "tokens": (hi - lo) * len(documents),
+            "nll": float(mean[lo:hi].mean()),
+        }
+        for lo, hi in itertools.pairwise(edges)
+        if hi > lo
+    ]
+
+
+def long_documents(data_dir: str, min_tokens: int, limit: int) -> list[Tensor]:
+    """Up to `limit` validation documents with at least `min_tokens` tokens (longest first)."""
+    docs = (
+        pl.read_parquet(f"{data_dir}/documents.parquet")
+        .filter((pl.col("split") == "validation") & (pl.col("tokens") - 1 >= min_tokens))
+        .sort("tokens", descending=True)
+        .head(limit)
+    )
+    shards = TokenData.load(data_dir, "validation").shards
+    return [
+        torch.from_numpy(
+            shards[r["shard"]][r["offset"] : r["offset"] + r["tokens"] - 1].astype("int64")
+        )
+        for r in docs.iter_rows(named=True)
+    ]
+
+
+def evaluate_perplexity(spec: Mapping[str, Any], out_paths: Mapping[str, str]) -> None:
     cfg = spec["evaluate"]["perplexity"]
     device = pick_device()
     configure_threads(spec["resources"]["evaluate"]["cpus_per_task"])
     model = load_trained(spec, device)
     data = TokenData.load(spec["data_dir"], "validation")
-    rows = []
+    dtype, tag = spec["train"]["dtype"], spec["run_id"]
+    rows, positions = [], []
+
+    def record(
+        protocol: str,
+        length: int,
+        scaling,
+        nll: float,
+        scored: int,
+        windows: int,
+        stride: int | None = None,
+        block: int | None = None,
+    ) -> None:
+        mean = nll / scored
+        rows.append(
+            {
+                **identity(spec),
+                "protocol": protocol,
+                "length": length,
+                "rope": scaling_label(scaling),
+                "stride": stride,
+                "block": block,
+                "windows": windows,
+                "tokens_scored": scored,
+                "nll": mean,
+                "ppl": math.exp(mean),
+            }
+        )
+        print(
+            f"[perplexity {tag}] {protocol} length {length:,} rope {scaling_label(scaling)}: "
+            f"ppl {math.exp(mean):.3f} over {scored:,} tokens",
+            flush=True,
+        )
+
     for length in cfg["lengths"]:
-        if data.n_tokens < length + 1:
-            raise ValueError(
-                f"{spec['run_id']}: the validation split has {data.n_tokens:,} tokens, fewer than "
-                f"evaluation length {length:,}; lower evaluate.perplexity.lengths or use more data"
-            )
-        tokens = data.head(max(cfg["max_tokens"], length + 1))
-        stride = cfg["stride"] or max(1, length // 2)
         for scaling in scalings_for_length(
             model.cfg.rope_scaling, cfg["rope_scaling_beyond_context"], spec["context"], length
         ):
             model.set_rope_scaling(scaling)
-            nll, scored, windows = sliding_window_nll(
-                model, tokens, length, stride, spec["train"]["dtype"]
-            )
-            mean = nll / scored
-            rows.append(
-                {
-                    **identity(spec),
-                    "length": length,
-                    "rope": scaling_label(scaling),
-                    "stride": stride,
-                    "windows": windows,
-                    "tokens_scored": scored,
-                    "nll": mean,
-                    "ppl": math.exp(mean),
-                }
-            )
-            print(
-                f"[perplexity {spec['run_id']}] length {length:,} stride {stride:,} "
-                f"rope {scaling_label(scaling)}: ppl {math.exp(mean):.3f} over {scored:,} tokens",
-                flush=True,
-            )
-    write_table("perplexity", rows, out_path)
+            if "stride" in cfg["protocols"]:
+                if data.n_tokens < length + 1:
+                    raise ValueError(
+                        f"{tag}: the validation split has {data.n_tokens:,} tokens, fewer than "
+                        f"evaluation length {length:,}; lower evaluate.perplexity.lengths or use "
+                        "more data"
+                    )
+                stride = cfg["stride"] or max(1, length // 2)
+                tokens = data.head(max(cfg["max_tokens"], length + 1))
+                record(
+                    "stride",
+                    length,
+                    scaling,
+                    *sliding_window_nll(model, tokens, length, stride, dtype),
+                    stride=stride,
+                )
+            docs = long_documents(spec["data_dir"], length + cfg["block"], cfg["documents"])
+            if "final_block" in cfg["protocols"] and docs:
+                record(
+                    "final_block",
+                    length,
+                    scaling,
+                    *final_block_nll(model, docs, length, cfg["block"], dtype),
+                    block=cfg["block"],
+                )
+            if "by_position" in cfg["protocols"] and docs:
+                for row in loss_by_position(model, docs, length, cfg["buckets"], dtype):
+                    positions.append(
+                        {**identity(spec), "length": length, "rope": scaling_label(scaling), **row}
+                    )
+            if not docs and {"final_block", "by_position"} & set(cfg["protocols"]):
+                print(
+                    f"[perplexity {tag}] no validation document has {length + cfg['block']:,} "
+                    "tokens: final_block and by_position skipped at this length",
+                    flush=True,
+                )
+    write_table("perplexity", rows, out_paths["table"])
+    write_table("position_loss", positions, out_paths["positions"])

@@ -15,15 +15,17 @@ from typing import Any
 from ltstudy.models.variants import VARIANTS
 
 
-def mean_keys(context: int, window: int | None) -> float:
-    """Keys a query attends to, averaged over positions 1..context."""
+def mean_keys(context: int, window: int | None, decode: bool = False) -> float:
+    """Keys a query attends to: averaged over positions 1..context, or (decode) at the last."""
+    if decode:
+        return context if window is None else min(context, window)
     if window is None or window >= context:
         return (context + 1) / 2
     return window - window * (window - 1) / (2 * context)
 
 
-def _attention(model: Mapping[str, Any], context: int, window: int | None) -> float:
-    return 4 * model["n_heads"] * model["head_dim"] * mean_keys(context, window)
+def _attention(model: Mapping[str, Any], context: int, window: int | None, decode: bool) -> float:
+    return 4 * model["n_heads"] * model["head_dim"] * mean_keys(context, window, decode)
 
 
 def _layer_window(model: Mapping[str, Any], layer: int) -> int | None:
@@ -33,13 +35,14 @@ def _layer_window(model: Mapping[str, Any], layer: int) -> int | None:
     return model["swa_window"]
 
 
-def mixer_context_flops(model: Mapping[str, Any], context: int) -> float:
-    """Forward FLOPs per token spent by all token mixers beyond their projections."""
+def mixer_context_flops(model: Mapping[str, Any], context: int, decode: bool = False) -> float:
+    """Forward FLOPs per token spent by all token mixers beyond their projections (decode: for
+    one new token after `context` tokens)."""
     settings, m = VARIANTS[model["variant"]].settings, model["mixer"]
     total = 0.0
     for layer in range(model["n_layers"]):
         if settings in (None, "hybrid", "lact"):
-            total += _attention(model, context, _layer_window(model, layer))
+            total += _attention(model, context, _layer_window(model, layer), decode)
         if settings == "lact":  # apply f_W (3 matmuls) and its gradient step (about 2x that)
             hidden = m["hidden_ratio"] * model["head_dim"]
             total += 3 * 6 * model["n_heads"] * hidden * model["head_dim"]
@@ -57,10 +60,15 @@ def mixer_context_flops(model: Mapping[str, Any], context: int) -> float:
     return total
 
 
-def forward_flops_per_token(model: Mapping[str, Any], params_total: int, context: int) -> float:
+def forward_flops_per_token(
+    model: Mapping[str, Any], params_total: int, context: int, decode: bool = False
+) -> float:
     embedding_table = 0 if model["tie_embeddings"] else model["vocab_size"] * model["d_model"]
-    return 2 * (params_total - embedding_table) + mixer_context_flops(model, context)
+    return 2 * (params_total - embedding_table) + mixer_context_flops(model, context, decode)
 
 
-def train_flops_per_token(model: Mapping[str, Any], params_total: int, context: int) -> float:
-    return 3 * forward_flops_per_token(model, params_total, context)
+def flops_per_token(model: Mapping[str, Any], params_total: int, context: int, mode: str) -> float:
+    """train: forward + backward (3x forward); prefill: forward; decode: one step at context."""
+    if mode == "train":
+        return 3 * forward_flops_per_token(model, params_total, context)
+    return forward_flops_per_token(model, params_total, context, decode=mode == "decode")

@@ -9,14 +9,17 @@ import polars as pl
 MAX_CURVE_POINTS = 200
 
 
-def leaderboard(
-    runs: pl.DataFrame, perplexity: pl.DataFrame, passkey: pl.DataFrame, throughput: pl.DataFrame
-) -> pl.DataFrame:
-    """One row per run: size, final training loss, perplexity at the training context and at
-    the longest evaluated length, passkey accuracy, prefill speed at the training context."""
-    board = runs.select(
+def leaderboard(t: dict[str, pl.DataFrame]) -> pl.DataFrame:
+    """One row per run: size, final training loss, stride perplexity at the training context and
+    at the longest evaluated length (best position method), passkey accuracy within the
+    training context, mean RULER score, prefill speed at the training context."""
+    board = t["runs"].select(
         "run_id", "study", "variant", "size", "context", "params", "status", "final_loss"
     )
+    perplexity, passkey, ruler, throughput = (
+        t[k] for k in ("perplexity", "passkey", "ruler", "throughput")
+    )
+    perplexity = perplexity.filter(pl.col("protocol") == "stride")
     if perplexity.height:
         at_ctx = (
             perplexity.filter(pl.col("length") <= pl.col("context"))
@@ -37,8 +40,16 @@ def leaderboard(
         )
         board = board.join(at_ctx, on="run_id", how="left").join(longest, on="run_id", how="left")
     if passkey.height:
-        acc = passkey.group_by("run_id").agg(pl.col("correct").mean().alias("passkey_accuracy"))
+        acc = (
+            passkey.filter(pl.col("length") <= pl.col("context"))
+            .group_by("run_id")
+            .agg(pl.col("correct").mean().alias("passkey_in_context"))
+        )
         board = board.join(acc, on="run_id", how="left")
+    ruler = ruler.filter(pl.col("status") == "ok")
+    if ruler.height:
+        mean = ruler.group_by("run_id").agg(pl.col("score").mean().alias("ruler_score"))
+        board = board.join(mean, on="run_id", how="left")
     if throughput.height:
         speed = throughput.filter(
             (pl.col("mode") == "prefill") & (pl.col("seq_len") == pl.col("context"))
@@ -55,7 +66,14 @@ def leaderboard_chart(board: pl.DataFrame) -> alt.Chart | None:
     data = board.filter(pl.col("ppl_at_context").is_not_null())
     tooltip = [
         c
-        for c in ("run_id", "params", "final_loss", "ppl_at_context", "passkey_accuracy")
+        for c in (
+            "run_id",
+            "params",
+            "final_loss",
+            "ppl_at_context",
+            "passkey_in_context",
+            "ruler_score",
+        )
         if c in data.columns
     ]
     return (
@@ -72,8 +90,9 @@ def leaderboard_chart(board: pl.DataFrame) -> alt.Chart | None:
     )
 
 
-def perplexity_vs_length(perplexity: pl.DataFrame) -> alt.Chart | None:
+def perplexity_vs_length(perplexity: pl.DataFrame, protocol: str) -> alt.Chart | None:
     """One line per run and position method (dashed: an extension used beyond the context)."""
+    perplexity = perplexity.filter(pl.col("protocol") == protocol)
     if not perplexity.height:
         return None
     data = perplexity.select("run_id", "study", "variant", "size", "length", "rope", "ppl")
@@ -93,6 +112,65 @@ def perplexity_vs_length(perplexity: pl.DataFrame) -> alt.Chart | None:
         )
         .properties(width=320, height=220)
         .facet(column=alt.Column("size:N"), row=alt.Row("study:N"))
+    )
+
+
+def loss_by_position(positions: pl.DataFrame) -> alt.Chart | None:
+    """Mean loss per position bucket at each run's longest evaluated length."""
+    if not positions.height:
+        return None
+    longest = positions.with_columns(pl.col("length").max().over("run_id").alias("_longest"))
+    data = (
+        longest.filter(pl.col("length") == pl.col("_longest"))
+        .with_columns(
+            ((pl.col("bucket_start") + pl.col("bucket_end")) / 2).alias("position"),
+            (pl.col("run_id") + " " + pl.col("rope")).alias("series"),
+        )
+        .select("run_id", "study", "variant", "rope", "series", "position", "nll")
+    )
+    return (
+        alt.Chart(data)
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("position:Q", scale=alt.Scale(type="log", base=2), title="token position"),
+            y=alt.Y("nll:Q", scale=alt.Scale(zero=False), title="loss (nats/token)"),
+            color="variant:N",
+            strokeDash=alt.StrokeDash("rope:N", title="position method"),
+            detail="series:N",
+            tooltip=["run_id", "rope", "position", alt.Tooltip("nll:Q", format=".3f")],
+        )
+        .properties(width=420, height=240)
+        .facet(row=alt.Row("study:N"))
+    )
+
+
+def ruler_by_task(ruler: pl.DataFrame) -> alt.Chart | None:
+    """Mean RULER score per task, variant and length (skipped tasks are listed, not drawn)."""
+    ok = ruler.filter(pl.col("status") == "ok")
+    if not ok.height:
+        return None
+    data = ok.group_by("study", "variant", "run_id", "task", "length", "rope").agg(
+        pl.col("score").mean().alias("score"), pl.len().alias("samples")
+    )
+    return (
+        alt.Chart(data)
+        .mark_bar()
+        .encode(
+            x=alt.X("variant:N", title=None),
+            y=alt.Y("score:Q", scale=alt.Scale(domain=[0, 100]), title="score"),
+            color="variant:N",
+            column=alt.Column("task:N", title=None),
+            row=alt.Row("length:O", title="length"),
+            tooltip=[
+                "run_id",
+                "task",
+                "length",
+                "rope",
+                alt.Tooltip("score:Q", format=".1f"),
+                "samples",
+            ],
+        )
+        .properties(width=70, height=90)
     )
 
 
@@ -146,6 +224,7 @@ def throughput_vs_context(throughput: pl.DataFrame) -> alt.Chart | None:
             "seq_len",
             "tokens_per_s",
             "peak_memory_mb",
+            "mfu",
         )
     )
     return (
@@ -161,6 +240,7 @@ def throughput_vs_context(throughput: pl.DataFrame) -> alt.Chart | None:
                 "seq_len",
                 alt.Tooltip("tokens_per_s:Q", format=",.0f"),
                 alt.Tooltip("peak_memory_mb:Q", format=",.0f"),
+                alt.Tooltip("mfu:Q", format=".1%"),
             ],
         )
         .properties(width=320, height=220)

@@ -47,8 +47,10 @@ def _format(value: object, column: str) -> str:
     if value is None:
         return "–"
     if isinstance(value, float):
-        if column in ("passkey_accuracy",):
+        if column == "passkey_in_context":
             return f"{value:.2f}"
+        if column == "ruler_score":
+            return f"{value:.1f}"
         if column.endswith("tokens_per_s"):
             return f"{value:,.0f}"
         return f"{value:.3f}"
@@ -80,33 +82,61 @@ def build_report(results_dir: str | Path, reports_dir: str | Path) -> Path:
     results_dir, reports_dir = Path(results_dir), Path(reports_dir)
     write_vega_bundle(reports_dir)
     t = {name: read_table(results_dir, name) for name in TABLES}
-    board = charts.leaderboard(t["runs"], t["perplexity"], t["passkey"], t["throughput"])
+    board = charts.leaderboard(t)
+    skipped = (
+        t["ruler"]
+        .filter(pl.col("status") == "skipped")
+        .select("task", "reason")
+        .unique()
+        .sort("task")
+    )
+    skipped_note = "".join(f" {task}: skipped ({reason})." for task, reason in skipped.iter_rows())
     sections = [
         (
             "Leaderboard",
-            "Runs sorted by validation perplexity at their training context. "
-            "Perplexity uses the sliding-window (stride) method; passkey accuracy is the mean over "
-            "the length x depth grid.",
+            "Runs sorted by stride perplexity at their training context. Passkey: "
+            "accuracy within the training context; RULER: mean score over tasks and lengths.",
             html_table(board),
             charts.leaderboard_chart(board),
         ),
         (
             "Perplexity vs evaluation length",
-            "Lengths beyond the training context test extrapolation.",
+            "Sliding-window (stride) perplexity. Lengths beyond "
+            "the training context test extrapolation; dashed lines use a position extension.",
             None,
-            charts.perplexity_vs_length(t["perplexity"]),
+            charts.perplexity_vs_length(t["perplexity"], "stride"),
+        ),
+        (
+            "Perplexity of a fixed final block",
+            "The paper's protocol: perplexity of the last "
+            "block of long validation documents as the context before it grows.",
+            None,
+            charts.perplexity_vs_length(t["perplexity"], "final_block"),
+        ),
+        (
+            "Loss by token position",
+            "Mean loss per position bucket over long validation "
+            "documents, at each run's longest evaluated length.",
+            None,
+            charts.loss_by_position(t["position_loss"]),
         ),
         (
             "Passkey retrieval",
-            "Accuracy per prompt length and needle depth (exact match of "
-            "the first generated integer).",
+            "Accuracy per prompt length and needle depth (exact match of the "
+            "first generated integer).",
             None,
             charts.passkey_heatmaps(t["passkey"]),
         ),
         (
+            "RULER by task",
+            "Mean score per task (RULER's string match) and length." + skipped_note,
+            None,
+            charts.ruler_by_task(t["ruler"]),
+        ),
+        (
             "Throughput vs context",
-            "Median tokens/s of a training step (forward + backward) and "
-            "of prefill, random weights; log-log.",
+            "Median tokens/s of a training step (forward + backward), of "
+            "prefill and of decoding, random weights; log-log. MFU is in the tooltips.",
             None,
             charts.throughput_vs_context(t["throughput"]),
         ),

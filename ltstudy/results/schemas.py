@@ -35,13 +35,24 @@ TABLES: dict[str, pl.Schema] = {
     }),
     "perplexity": pl.Schema({
         **IDENTITY,
+        "protocol": pl.String,
         "length": pl.Int64,
         "rope": pl.String,
         "stride": pl.Int64,
+        "block": pl.Int64,
         "windows": pl.Int64,
         "tokens_scored": pl.Int64,
         "nll": pl.Float64,
         "ppl": pl.Float64,
+    }),
+    "position_loss": pl.Schema({
+        **IDENTITY,
+        "length": pl.Int64,
+        "rope": pl.String,
+        "bucket_start": pl.Int64,
+        "bucket_end": pl.Int64,
+        "tokens": pl.Int64,
+        "nll": pl.Float64,
     }),
     "passkey": pl.Schema({
         **IDENTITY,
@@ -52,6 +63,18 @@ TABLES: dict[str, pl.Schema] = {
         "passkey": pl.String,
         "prediction": pl.String,
         "correct": pl.Boolean,
+    }),
+    "ruler": pl.Schema({
+        **IDENTITY,
+        "task": pl.String,
+        "length": pl.Int64,
+        "rope": pl.String,
+        "sample": pl.Int64,
+        "status": pl.String,
+        "reason": pl.String,
+        "score": pl.Float64,
+        "prediction": pl.String,
+        "references": pl.String,
     }),
     "throughput": pl.Schema({
         **IDENTITY,
@@ -65,6 +88,10 @@ TABLES: dict[str, pl.Schema] = {
         "memory_kind": pl.String,
         "device": pl.String,
         "params": pl.Int64,
+        "flops_per_token": pl.Float64,
+        "achieved_tflops": pl.Float64,
+        "peak_tflops": pl.Float64,
+        "mfu": pl.Float64,
     }),
     "runs": pl.Schema({
         "run_id": pl.String,
@@ -92,8 +119,33 @@ TABLES: dict[str, pl.Schema] = {
 RUN_FILES = {
     "train_curves": "train_curve.parquet",
     "perplexity": "perplexity.parquet",
+    "position_loss": "position_loss.parquet",
     "passkey": "passkey.parquet",
+    "ruler": "ruler.parquet",
     "throughput": "throughput.parquet",
+}
+# What each stage writes into the run folder, by output name.
+STAGE_OUTPUTS = {
+    "train": {"model": "model.pt", "curve": RUN_FILES["train_curves"]},
+    "perplexity": {"table": RUN_FILES["perplexity"], "positions": RUN_FILES["position_loss"]},
+    "passkey": {"table": RUN_FILES["passkey"]},
+    "ruler": {"table": RUN_FILES["ruler"]},
+    "throughput": {"table": RUN_FILES["throughput"]},
+}
+
+
+def stage_outputs(run_dir: str | Path, stage: str) -> dict[str, str]:
+    return {name: f"{run_dir}/{file}" for name, file in STAGE_OUTPUTS[stage].items()}
+
+
+# The stage that writes each per-run table.
+TABLE_STAGE = {
+    "train_curves": "train",
+    "perplexity": "perplexity",
+    "position_loss": "perplexity",
+    "passkey": "passkey",
+    "ruler": "ruler",
+    "throughput": "throughput",
 }
 
 

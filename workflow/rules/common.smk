@@ -5,7 +5,7 @@ from snakemake.exceptions import WorkflowError
 
 from ltstudy.config import ConfigError, validate_config
 from ltstudy.launch import launch
-from ltstudy.results.schemas import RUN_FILES, TABLES
+from ltstudy.results.schemas import RUN_FILES, STAGE_OUTPUTS, TABLE_STAGE, TABLES
 
 try:
     CONFIG = validate_config(config, source="config")
@@ -20,13 +20,6 @@ REPORTS = CONFIG["reports_dir"]
 # Each distinct data configuration (corpus + tokenizer) is tokenized once, in its own folder.
 DATA = {Path(s["data_dir"]).name: s["data"] for s in RUNS.values()}
 RUN_DIR = RESULTS + "/runs/{study}/{run}"
-# The stage that writes each per-run table.
-TABLE_STAGE = {
-    "train_curves": "train",
-    "perplexity": "perplexity",
-    "passkey": "passkey",
-    "throughput": "throughput",
-}
 
 
 wildcard_constraints:
@@ -43,6 +36,11 @@ def spec(wildcards):
             f"unknown run {run_id!r}; `ltstudy runs` lists the runs of this config"
         )
     return RUNS[run_id]
+
+
+def outputs_of(stage):
+    """A stage's output files in the run folder pattern (one definition for rules and jobs)."""
+    return {name: f"{RUN_DIR}/{file}" for name, file in STAGE_OUTPUTS[stage].items()}
 
 
 def run_manifest(wildcards):

@@ -1,4 +1,5 @@
-# Evaluate one run: perplexity and passkey on its trained model, throughput on random weights.
+# Evaluate one run: perplexity, passkey and RULER on its trained model, throughput on random
+# weights.
 
 
 rule perplexity:
@@ -6,7 +7,7 @@ rule perplexity:
         model=rules.train.output.model,
         manifest=run_manifest,
     output:
-        table=f"{RUN_DIR}/perplexity.parquet",
+        **outputs_of("perplexity"),
     priority: 2
     params:
         settings=lambda wildcards: spec(wildcards)["evaluate"]["perplexity"],
@@ -20,7 +21,7 @@ rule passkey:
     input:
         model=rules.train.output.model,
     output:
-        table=f"{RUN_DIR}/passkey.parquet",
+        **outputs_of("passkey"),
     priority: 2
     params:
         settings=lambda wildcards: spec(wildcards)["evaluate"]["passkey"],
@@ -30,9 +31,24 @@ rule passkey:
         launch_run_stage("passkey", wildcards, output, resources)
 
 
+rule ruler:
+    input:
+        model=rules.train.output.model,
+        manifest=run_manifest,
+    output:
+        **outputs_of("ruler"),
+    priority: 2
+    params:
+        settings=lambda wildcards: spec(wildcards)["evaluate"]["ruler"],
+    resources:
+        **run_resources("evaluate"),
+    run:
+        launch_run_stage("ruler", wildcards, output, resources)
+
+
 rule throughput:
     output:
-        table=f"{RUN_DIR}/throughput.parquet",
+        **outputs_of("throughput"),
     params:
         settings=lambda wildcards: spec(wildcards)["evaluate"]["throughput"],
         model=lambda wildcards: spec(wildcards)["model"],

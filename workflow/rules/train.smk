@@ -6,8 +6,7 @@ rule train:
         manifest=run_manifest,
         init=lambda wildcards: [f"{d}/model.pt" for d in [spec(wildcards).get("init_from_dir")] if d],
     output:
-        model=f"{RUN_DIR}/model.pt",
-        curve=f"{RUN_DIR}/train_curve.parquet",
+        **outputs_of("train"),
     priority: 3
     params:
         config_hash=lambda wildcards: spec(wildcards)["config_hash"],

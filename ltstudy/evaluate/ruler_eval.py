@@ -1,0 +1,90 @@
+"""Run RULER's tasks on a trained model: greedy decoding through the cache, RULER's scoring.
+
+Tasks that cannot run here (QA without its local data) are recorded as skipped, with the
+reason, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from ltstudy.data.dataset import document_texts
+from ltstudy.data.tokenizer import get_tokenizer
+from ltstudy.device import configure_threads, pick_device
+from ltstudy.evaluate.passkey import greedy_decode
+from ltstudy.evaluate.ruler import TaskSkipped, build_sources, generate, score
+from ltstudy.models.rope import scaling_label, scalings_for_length
+from ltstudy.results.schemas import identity, write_table
+from ltstudy.train import load_trained
+
+
+def evaluate_ruler(spec: Mapping[str, Any], out_path: str) -> None:
+    cfg = spec["evaluate"]["ruler"]
+    device = pick_device()
+    configure_threads(spec["resources"]["evaluate"]["cpus_per_task"])
+    model = load_trained(spec, device)
+    tokenizer = get_tokenizer(spec["data"]["tokenizer"])
+    texts = document_texts(spec["data_dir"], "validation", tokenizer, max_documents=200)
+    sources = build_sources(texts, cfg["squad_path"], cfg["hotpotqa_path"])
+    rows = []
+    for length in cfg["lengths"]:
+        for scaling in scalings_for_length(
+            model.cfg.rope_scaling, cfg["rope_scaling_beyond_context"], spec["context"], length
+        ):
+            model.set_rope_scaling(scaling)
+            for task in cfg["tasks"]:
+                scores = []
+                for index in range(cfg["samples"]):
+                    base = {
+                        **identity(spec),
+                        "task": task,
+                        "length": length,
+                        "rope": scaling_label(scaling),
+                        "sample": index,
+                    }
+                    try:
+                        sample = generate(
+                            task,
+                            tokenizer,
+                            length,
+                            index,
+                            cfg["seed"],
+                            sources,
+                            cfg["max_new_tokens"],
+                        )
+                    except TaskSkipped as why:
+                        rows.append(
+                            {
+                                **base,
+                                "status": "skipped",
+                                "reason": str(why),
+                                "score": None,
+                                "prediction": None,
+                                "references": None,
+                            }
+                        )
+                        continue
+                    new = greedy_decode(
+                        model, sample.prompt, sample.max_new_tokens, spec["train"]["dtype"]
+                    )
+                    prediction = tokenizer.decode(new)
+                    scores.append(score(prediction, sample.references, sample.metric))
+                    rows.append(
+                        {
+                            **base,
+                            "status": "ok",
+                            "reason": None,
+                            "score": scores[-1],
+                            "prediction": prediction,
+                            "references": json.dumps(sample.references),
+                        }
+                    )
+                result = f"{sum(scores) / len(scores):.1f}" if scores else "skipped"
+                print(
+                    f"[ruler {spec['run_id']}] {task} length {length:,} "
+                    f"rope {scaling_label(scaling)}: {result}",
+                    flush=True,
+                )
+    write_table("ruler", rows, out_path)
