@@ -49,6 +49,9 @@ def test_study_writes_every_table_with_its_schema(study):
         (128, "none"),
         (128, "yarn x2"),
     ]
+    # a model without RoPE gets no position-extension rows
+    mamba = ppl.filter((pl.col("run_id") == RUNS[1]) & (pl.col("protocol") == "stride"))
+    assert set(mamba["rope"]) == {"none"}
     curves = pl.read_parquet(workdir / "results" / "train_curves.parquet")
     assert curves.group_by("run_id").len()["len"].to_list() == [12] * 3
 

@@ -15,6 +15,7 @@ from ltstudy.data.tokenizer import get_tokenizer
 from ltstudy.device import autocast, configure_threads, pick_device
 from ltstudy.evaluate.passkey_prompt import depth_grid, first_integer, passkey_prompt
 from ltstudy.models.rope import scaling_label, scalings_for_length
+from ltstudy.models.variants import VARIANTS
 from ltstudy.results.schemas import identity, write_table
 from ltstudy.train import load_trained
 
@@ -51,7 +52,11 @@ def evaluate_passkey(spec: Mapping[str, Any], out_path: str) -> None:
             for trial in range(cfg["trials"])
         ]
         for scaling in scalings_for_length(
-            model.cfg.rope_scaling, cfg["rope_scaling_beyond_context"], spec["context"], length
+            model.cfg.rope_scaling,
+            cfg["rope_scaling_beyond_context"],
+            spec["context"],
+            length,
+            VARIANTS[spec["variant"]].rotary,
         ):
             model.set_rope_scaling(scaling)  # every method answers the same prompts
             correct = 0

@@ -23,6 +23,7 @@ from torch import Tensor
 from ltstudy.data.dataset import TokenData
 from ltstudy.device import autocast, configure_threads, pick_device
 from ltstudy.models.rope import scaling_label, scalings_for_length
+from ltstudy.models.variants import VARIANTS
 from ltstudy.results.schemas import identity, write_table
 from ltstudy.train import load_trained
 
@@ -148,7 +149,11 @@ def evaluate_perplexity(spec: Mapping[str, Any], out_paths: Mapping[str, str]) -
 
     for length in cfg["lengths"]:
         for scaling in scalings_for_length(
-            model.cfg.rope_scaling, cfg["rope_scaling_beyond_context"], spec["context"], length
+            model.cfg.rope_scaling,
+            cfg["rope_scaling_beyond_context"],
+            spec["context"],
+            length,
+            VARIANTS[spec["variant"]].rotary,
         ):
             model.set_rope_scaling(scaling)
             if "stride" in cfg["protocols"]:

@@ -16,6 +16,7 @@ from ltstudy.device import configure_threads, pick_device
 from ltstudy.evaluate.passkey import greedy_decode
 from ltstudy.evaluate.ruler import TaskSkipped, build_sources, generate, score
 from ltstudy.models.rope import scaling_label, scalings_for_length
+from ltstudy.models.variants import VARIANTS
 from ltstudy.results.schemas import identity, write_table
 from ltstudy.train import load_trained
 
@@ -31,7 +32,11 @@ def evaluate_ruler(spec: Mapping[str, Any], out_path: str) -> None:
     rows = []
     for length in cfg["lengths"]:
         for scaling in scalings_for_length(
-            model.cfg.rope_scaling, cfg["rope_scaling_beyond_context"], spec["context"], length
+            model.cfg.rope_scaling,
+            cfg["rope_scaling_beyond_context"],
+            spec["context"],
+            length,
+            VARIANTS[spec["variant"]].rotary,
         ):
             model.set_rope_scaling(scaling)
             for task in cfg["tasks"]:

@@ -116,11 +116,13 @@ def scalings_for_length(
     beyond: Mapping[str, Any] | None,
     context: int,
     length: int,
+    rotary: bool = True,
 ) -> list[dict | None]:
     """Position methods to evaluate `length` with: always the run's own; beyond the training
-    context also the configured extension (factor null = length / context), for comparison."""
+    context, if the model uses RoPE, also the configured extension (factor null = length /
+    context), for comparison."""
     own = dict(run_scaling) if run_scaling else None
-    if beyond is None or length <= context:
+    if beyond is None or length <= context or not rotary:
         return [own]
     scaling = {k: v for k, v in beyond.items() if v is not None}
     scaling.setdefault("factor", length / context)

@@ -21,6 +21,11 @@ class Variant:
     settings: str | None  # name of its settings block under `model` (None: attention only)
     description: str
 
+    @property
+    def rotary(self) -> bool:
+        """Whether positions enter through RoPE (so position extension methods apply)."""
+        return self.settings in (None, "hybrid", "lact")
+
 
 ATTENTION = "ltstudy.models.attention:Attention"
 
