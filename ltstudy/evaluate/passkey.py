@@ -12,12 +12,11 @@ from typing import Any
 import torch
 
 from ltstudy.data.tokenizer import get_tokenizer
-from ltstudy.device import autocast, configure_threads, pick_device
+from ltstudy.device import autocast
 from ltstudy.evaluate.passkey_prompt import depth_grid, first_integer, passkey_prompt
-from ltstudy.models.rope import scaling_label, scalings_for_length
-from ltstudy.models.variants import VARIANTS
+from ltstudy.evaluate.setup import position_methods, trained_model
+from ltstudy.models.rope import scaling_label
 from ltstudy.results.schemas import identity, write_table
-from ltstudy.train import load_trained
 
 
 @torch.no_grad()
@@ -39,9 +38,7 @@ def greedy_decode(
 
 def evaluate_passkey(spec: Mapping[str, Any], out_path: str) -> None:
     cfg = spec["evaluate"]["passkey"]
-    device = pick_device()
-    configure_threads(spec["resources"]["evaluate"]["cpus_per_task"])
-    model = load_trained(spec, device)
+    model = trained_model(spec)
     tokenizer = get_tokenizer(spec["data"]["tokenizer"])
     rng = torch.Generator().manual_seed(cfg["seed"])
     rows = []
@@ -51,14 +48,7 @@ def evaluate_passkey(spec: Mapping[str, Any], out_path: str) -> None:
             for depth in depth_grid(cfg["depths"])
             for trial in range(cfg["trials"])
         ]
-        for scaling in scalings_for_length(
-            model.cfg.rope_scaling,
-            cfg["rope_scaling_beyond_context"],
-            spec["context"],
-            length,
-            VARIANTS[spec["variant"]].rotary,
-        ):
-            model.set_rope_scaling(scaling)  # every method answers the same prompts
+        for scaling in position_methods(model, spec, cfg, length):
             correct = 0
             for depth, trial, key in trials:
                 prompt = passkey_prompt(tokenizer, length, depth, key)

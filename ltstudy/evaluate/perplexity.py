@@ -21,11 +21,10 @@ import torch
 from torch import Tensor
 
 from ltstudy.data.dataset import TokenData
-from ltstudy.device import autocast, configure_threads, pick_device
-from ltstudy.models.rope import scaling_label, scalings_for_length
-from ltstudy.models.variants import VARIANTS
+from ltstudy.device import autocast
+from ltstudy.evaluate.setup import position_methods, trained_model
+from ltstudy.models.rope import scaling_label
 from ltstudy.results.schemas import identity, write_table
-from ltstudy.train import load_trained
 
 
 def _losses(model: torch.nn.Module, window: Tensor, labels: Tensor, dtype: str) -> Tensor:
@@ -109,9 +108,7 @@ def long_documents(data_dir: str, min_tokens: int, limit: int) -> list[Tensor]:
 
 def evaluate_perplexity(spec: Mapping[str, Any], out_paths: Mapping[str, str]) -> None:
     cfg = spec["evaluate"]["perplexity"]
-    device = pick_device()
-    configure_threads(spec["resources"]["evaluate"]["cpus_per_task"])
-    model = load_trained(spec, device)
+    model = trained_model(spec)
     data = TokenData.load(spec["data_dir"], "validation")
     dtype, tag = spec["train"]["dtype"], spec["run_id"]
     rows, positions = [], []
@@ -148,14 +145,7 @@ def evaluate_perplexity(spec: Mapping[str, Any], out_paths: Mapping[str, str]) -
         )
 
     for length in cfg["lengths"]:
-        for scaling in scalings_for_length(
-            model.cfg.rope_scaling,
-            cfg["rope_scaling_beyond_context"],
-            spec["context"],
-            length,
-            VARIANTS[spec["variant"]].rotary,
-        ):
-            model.set_rope_scaling(scaling)
+        for scaling in position_methods(model, spec, cfg, length):
             if "stride" in cfg["protocols"]:
                 if data.n_tokens < length + 1:
                     raise ValueError(

@@ -12,33 +12,22 @@ from typing import Any
 
 from ltstudy.data.dataset import document_texts
 from ltstudy.data.tokenizer import get_tokenizer
-from ltstudy.device import configure_threads, pick_device
 from ltstudy.evaluate.passkey import greedy_decode
 from ltstudy.evaluate.ruler import TaskSkipped, build_sources, generate, score
-from ltstudy.models.rope import scaling_label, scalings_for_length
-from ltstudy.models.variants import VARIANTS
+from ltstudy.evaluate.setup import position_methods, trained_model
+from ltstudy.models.rope import scaling_label
 from ltstudy.results.schemas import identity, write_table
-from ltstudy.train import load_trained
 
 
 def evaluate_ruler(spec: Mapping[str, Any], out_path: str) -> None:
     cfg = spec["evaluate"]["ruler"]
-    device = pick_device()
-    configure_threads(spec["resources"]["evaluate"]["cpus_per_task"])
-    model = load_trained(spec, device)
+    model = trained_model(spec)
     tokenizer = get_tokenizer(spec["data"]["tokenizer"])
     texts = document_texts(spec["data_dir"], "validation", tokenizer, max_documents=200)
     sources = build_sources(texts, cfg["squad_path"], cfg["hotpotqa_path"])
     rows = []
     for length in cfg["lengths"]:
-        for scaling in scalings_for_length(
-            model.cfg.rope_scaling,
-            cfg["rope_scaling_beyond_context"],
-            spec["context"],
-            length,
-            VARIANTS[spec["variant"]].rotary,
-        ):
-            model.set_rope_scaling(scaling)
+        for scaling in position_methods(model, spec, cfg, length):
             for task in cfg["tasks"]:
                 scores = []
                 for index in range(cfg["samples"]):
