@@ -20,18 +20,17 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from ltstudy.config import ConfigError, default_settings, expand_runs, load_config
+from ltstudy.config import ConfigError, default_settings, load_study
 
 DEFAULT_CONFIG = "config/config.yaml"
 
 
 def _runs(path: str) -> dict[str, dict]:
-    return expand_runs(load_config(path))
+    return load_study(path)[1]
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    runs = expand_runs(config)
+    config, runs = load_study(args.config)
     per_study = Counter(s["study"] for s in runs.values())
     print(f"{args.config}: valid, {len(runs)} runs")
     for study in config["studies"]:
@@ -185,8 +184,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from ltstudy.report.page import build_report
     from ltstudy.results.collect import collect_available
 
-    config = load_config(args.config)
-    runs = expand_runs(config)
+    config, runs = load_study(args.config)
     for table, frame in collect_available(runs, config["results_dir"]).items():
         print(f"{config['results_dir']}/{table}.parquet: {frame.height} rows")
     print(build_report(Path(config["results_dir"]), Path(config["reports_dir"])))

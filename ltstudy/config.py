@@ -35,12 +35,19 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the field."""
 
 
+@functools.cache
 def load_schema() -> dict:
+    """The config schema (read once; validators never modify it)."""
     return yaml.safe_load(SCHEMA_PATH.read_text())
 
 
 def load_config(path: str | Path) -> dict:
     """Read a YAML config file and validate it."""
+    return load_study(path)[0]
+
+
+def load_study(path: str | Path) -> tuple[dict, dict[str, dict]]:
+    """Read a YAML config file: (validated config, its runs by id)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -48,7 +55,7 @@ def load_config(path: str | Path) -> dict:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return validate_config(raw, source=str(path))
+    return validate_study(raw, source=str(path))
 
 
 def _field(path: Iterable[Any]) -> str:
@@ -95,6 +102,12 @@ def validate_config(raw: Mapping, source: str = "config") -> dict:
 
     Raises ConfigError naming the first bad field.
     """
+    return validate_study(raw, source)[0]
+
+
+def validate_study(raw: Mapping, source: str = "config") -> tuple[dict, dict[str, dict]]:
+    """validate_config, also returning the runs (expanding them is part of the check, so
+    callers that need both should not expand twice)."""
     schema = load_schema()
     base = jsonschema.validators.validator_for(schema)
     checker = base(schema)
@@ -106,8 +119,7 @@ def validate_config(raw: Mapping, source: str = "config") -> dict:
     filler.evolve(schema={"type": "object", "properties": top}).validate(config)
 
     _check_data(config["data"], "data", source)
-    expand_runs(config, source=source)  # validates every run's merged settings
-    return config
+    return config, expand_runs(config, source=source)  # validates every run's merged settings
 
 
 def _check_data(data: Mapping, field: str, source: str) -> None:

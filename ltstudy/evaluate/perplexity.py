@@ -145,16 +145,24 @@ def evaluate_perplexity(spec: Mapping[str, Any], out_paths: Mapping[str, str]) -
         )
 
     for length in cfg["lengths"]:
+        stride = cfg["stride"] or max(1, length // 2)
+        if "stride" in cfg["protocols"]:
+            if data.n_tokens < length + 1:
+                raise ValueError(
+                    f"{tag}: the validation split has {data.n_tokens:,} tokens, fewer than "
+                    f"evaluation length {length:,}; lower evaluate.perplexity.lengths or use "
+                    "more data"
+                )
+            tokens = data.head(max(cfg["max_tokens"], length + 1))
+        docs = long_documents(spec["data_dir"], length + cfg["block"], cfg["documents"])
+        if not docs and {"final_block", "by_position"} & set(cfg["protocols"]):
+            print(
+                f"[perplexity {tag}] no validation document has {length + cfg['block']:,} "
+                "tokens: final_block and by_position skipped at this length",
+                flush=True,
+            )
         for scaling in position_methods(model, spec, cfg, length):
             if "stride" in cfg["protocols"]:
-                if data.n_tokens < length + 1:
-                    raise ValueError(
-                        f"{tag}: the validation split has {data.n_tokens:,} tokens, fewer than "
-                        f"evaluation length {length:,}; lower evaluate.perplexity.lengths or use "
-                        "more data"
-                    )
-                stride = cfg["stride"] or max(1, length // 2)
-                tokens = data.head(max(cfg["max_tokens"], length + 1))
                 record(
                     "stride",
                     length,
@@ -162,7 +170,6 @@ def evaluate_perplexity(spec: Mapping[str, Any], out_paths: Mapping[str, str]) -
                     *sliding_window_nll(model, tokens, length, stride, dtype),
                     stride=stride,
                 )
-            docs = long_documents(spec["data_dir"], length + cfg["block"], cfg["documents"])
             if "final_block" in cfg["protocols"] and docs:
                 record(
                     "final_block",
@@ -176,11 +183,5 @@ def evaluate_perplexity(spec: Mapping[str, Any], out_paths: Mapping[str, str]) -
                     positions.append(
                         {**identity(spec), "length": length, "rope": scaling_label(scaling), **row}
                     )
-            if not docs and {"final_block", "by_position"} & set(cfg["protocols"]):
-                print(
-                    f"[perplexity {tag}] no validation document has {length + cfg['block']:,} "
-                    "tokens: final_block and by_position skipped at this length",
-                    flush=True,
-                )
     write_table("perplexity", rows, out_paths["table"])
     write_table("position_loss", positions, out_paths["positions"])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ltstudy.ops.gla import _initial_state, _pad_time
+from ltstudy.ops.gla import _chunks, _initial_state, _pairwise_decay
 
 
 def recurrent_gated_delta_rule(
@@ -49,12 +49,10 @@ def chunk_gated_delta_rule(
 ) -> tuple[Tensor, Tensor]:
     T, C = q.shape[2], chunk_size
     S = _initial_state(q, v, state)
-    q, k, v = (_pad_time(x, C).unflatten(2, (-1, C)) for x in (q, k, v))
-    g, beta = (_pad_time(x, C).unflatten(2, (-1, C)) for x in (g, beta))
+    q, k, v, g, beta = (_chunks(x, C) for x in (q, k, v, g, beta))
     q = q * scale
     b = g.cumsum(dim=3)  # [B, H, N, C] log decay from the chunk start
-    lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    gamma = (b[..., :, None] - b[..., None, :]).masked_fill(~lower, float("-inf")).exp()
+    gamma = _pairwise_decay(b)
     # T = (I + strictly_lower(diag(β) K Kᵀ ⊙ Γ))⁻¹ turns the chunk's corrections into one solve.
     k_beta = k * beta[..., None]
     strictly = (k_beta @ k.transpose(-1, -2) * gamma).tril(-1)

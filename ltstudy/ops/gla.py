@@ -25,6 +25,19 @@ def _pad_time(x: Tensor, multiple: int) -> Tensor:
     return F.pad(x, (0, 0, 0, pad)) if x.dim() == 4 else F.pad(x, (0, pad))
 
 
+def _chunks(x: Tensor, chunk_size: int) -> Tensor:
+    """[B, H, T, ...] -> [B, H, N, C, ...], zero-padding T to a multiple of C (a zero log-decay
+    and zero keys/values leave the state unchanged)."""
+    return _pad_time(x, chunk_size).unflatten(2, (-1, chunk_size))
+
+
+def _pairwise_decay(b: Tensor) -> Tensor:
+    """exp(b_t - b_s) for s <= t (0 above the diagonal) from cumulative log decays b: [..., C]."""
+    C = b.shape[-1]
+    causal = torch.ones(C, C, dtype=torch.bool, device=b.device).tril()
+    return (b[..., :, None] - b[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+
+
 def _initial_state(q: Tensor, v: Tensor, state: Tensor | None) -> Tensor:
     B, H, _, K = q.shape
     if state is None:
@@ -76,7 +89,7 @@ def chunk_gla(
     """
     T, C = q.shape[2], chunk_size
     S0 = _initial_state(q, v, state)
-    q, k, v, g = (_pad_time(x, C).unflatten(2, (-1, C)) for x in (q, k, v, g))
+    q, k, v, g = (_chunks(x, C) for x in (q, k, v, g))
     q = q * scale
     b = g.cumsum(dim=3)  # log decay from the chunk start to t (inclusive)
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
@@ -103,13 +116,10 @@ def chunk_scalar_gla(
     B, H, T, K = q.shape
     C = chunk_size
     S0 = _initial_state(q, v, state)
-    q, k, v = (_pad_time(x, C).unflatten(2, (-1, C)) for x in (q, k, v))
-    g = _pad_time(g, C).unflatten(2, (-1, C))
+    q, k, v, g = (_chunks(x, C) for x in (q, k, v, g))
     q = q * scale
     b = g.cumsum(dim=3)  # [B, H, N, C]
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    decay = (b[..., :, None] - b[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-    intra = ((q @ k.transpose(-1, -2)) * decay) @ v
+    intra = ((q @ k.transpose(-1, -2)) * _pairwise_decay(b)) @ v
     chunk_decay = b[:, :, :, -1, None].exp().expand(B, H, b.shape[2], K)
     inter, S = _scan_chunks(
         q * b[..., None].exp(), k * (b[..., -1:] - b)[..., None].exp(), v, chunk_decay, S0

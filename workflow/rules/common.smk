@@ -3,18 +3,15 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from ltstudy.config import ConfigError, validate_config
+from ltstudy.config import ConfigError, validate_study
 from ltstudy.launch import launch
 from ltstudy.results.schemas import RUN_FILES, STAGE_OUTPUTS, TABLE_STAGE, TABLES
 
 try:
-    CONFIG = validate_config(config, source="config")
+    CONFIG, RUNS = validate_study(config, source="config")
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
 
-from ltstudy.config import expand_runs  # noqa: E402
-
-RUNS = expand_runs(CONFIG)
 RESULTS = CONFIG["results_dir"]
 REPORTS = CONFIG["reports_dir"]
 # Each distinct data configuration (corpus + tokenizer) is tokenized once, in its own folder.
