@@ -44,7 +44,7 @@ def test_every_chart_renders_offline(study, tmp_path):
     charts = re.findall(
         r'<div class="chart[^"]*" id="chart\d+"[^>]*>(.*?)</div>\s*(?:<h2|<script)', dom, re.S
     )
-    assert len(charts) == 8
+    assert len(charts) == 9
     for chart in charts:
         assert "<svg" in chart and 'class="marks"' in chart
     assert "ttt_swa" in dom and "full" in dom  # legends and the leaderboard name the variants

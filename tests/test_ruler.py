@@ -7,6 +7,7 @@ import pytest
 
 from ltstudy.data.corpus import embedded_documents
 from ltstudy.data.tokenizer import ByteTokenizer
+from ltstudy.evaluate.passkey_prompt import NEEDLE, depth_grid, passkey_prompt
 from ltstudy.evaluate.ruler import TASKS, TaskSkipped, build_sources, generate, score
 
 TEXTS = [doc.text for _, doc in zip(range(40), embedded_documents(), strict=False)]
@@ -113,3 +114,20 @@ def test_scoring_part_metric():
     assert score("It is Paris, I think", ["paris", "Lyon"], "part") == 100.0
     assert score("Rome", ["paris", "Lyon"], "part") == 0.0
     assert score("paris and lyon", ["Paris", "Lyon", "Nice"], "all") == pytest.approx(200 / 3)
+
+
+@pytest.mark.parametrize("tok_name", ["bytes", "bpe"])
+@pytest.mark.parametrize("length", [300, 1000])
+def test_passkey_prompt_length_key_and_needle_distance(tok_name, length, tokenizers_under_test):
+    tok = tokenizers_under_test[tok_name]
+    needle = tok.encode(NEEDLE.format(key=31415))
+    distances = []
+    for depth in depth_grid(5):
+        prompt, distance = passkey_prompt(tok, length, depth, 31415)
+        assert len(prompt) == length
+        assert prompt[length - distance - len(needle) : length - distance] == needle
+        assert "31415" not in tok.decode(prompt[length - distance :])
+        distances.append(distance)
+    assert distances == sorted(distances, reverse=True) and distances[0] > distances[-1]
+    with pytest.raises(ValueError, match="shorter than the bare prompt"):
+        passkey_prompt(tok, 10, 0.5, 31415)

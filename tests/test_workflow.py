@@ -79,7 +79,7 @@ def test_job_logs_live_next_to_run_outputs(study):
 def test_report_page_has_every_section(study):
     workdir, _ = study
     page = (workdir / "reports" / "index.html").read_text()
-    assert page.count('class="chart"') == 8 and "<table>" in page
+    assert page.count('class="chart"') == 9 and "<table>" in page
     assert "qa_1: skipped" in page  # skipped RULER tasks are named with their reason
     assert 'src="assets/vega-bundle.js"' in page and "cdn" not in page.lower()
     assert (workdir / "reports" / "assets" / "vega-bundle.js").stat().st_size > 500_000

@@ -1,7 +1,8 @@
 """Passkey retrieval over a length x depth grid.
 
 The model decodes greedily after each prompt; a trial is correct when the first integer it
-writes equals the key.
+writes equals the key. Each row records the needle's distance from the end of the prompt, so
+that accuracy can be read against a sliding window's reach.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def evaluate_passkey(spec: Mapping[str, Any], out_path: str) -> None:
         for scaling in position_methods(model, spec, cfg, length):
             correct = 0
             for depth, trial, key in trials:
-                prompt = passkey_prompt(tokenizer, length, depth, key)
+                prompt, distance = passkey_prompt(tokenizer, length, depth, key)
                 new = greedy_decode(model, prompt, cfg["max_new_tokens"], spec["train"]["dtype"])
                 prediction = first_integer(tokenizer.decode(new))
                 correct += prediction == str(key)
@@ -61,6 +62,7 @@ def evaluate_passkey(spec: Mapping[str, Any], out_path: str) -> None:
                         "length": length,
                         "rope": scaling_label(scaling),
                         "depth": depth,
+                        "needle_distance": distance,
                         "trial": trial,
                         "passkey": str(key),
                         "prediction": prediction,

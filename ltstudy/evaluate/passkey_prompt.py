@@ -2,6 +2,10 @@
 
 An instruction, repeated filler ("The grass is green. ...") with the passkey sentence at a
 relative depth, then the question. Torch-free, so the config check can size prompts too.
+
+Each prompt also reports its needle distance: how many tokens back from the prompt's last token
+the needle's last token lies. A model whose attention reaches fewer tokens back than that (a
+sliding window) cannot see the key directly.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "What is the pass key? The pass key is"
 
 
-def passkey_prompt(tokenizer, length: int, depth: float, key: int) -> list[int]:
-    """Token ids of a prompt of exactly `length` tokens with the needle at relative `depth`."""
+def passkey_prompt(tokenizer, length: int, depth: float, key: int) -> tuple[list[int], int]:
+    """Token ids of a prompt of exactly `length` tokens with the needle at relative `depth`,
+    and the needle distance (tokens from the needle's last token to the prompt's last)."""
     head, needle, tail = (
         tokenizer.encode(s) for s in (INSTRUCTION, NEEDLE.format(key=key), QUESTION)
     )
@@ -32,7 +37,8 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: int) -> list[int]:
     unit = tokenizer.encode(FILLER)
     filler = (unit * (n_filler // len(unit) + 1))[:n_filler]
     cut = round(depth * n_filler)
-    return head + filler[:cut] + needle + filler[cut:] + tail
+    distance = (n_filler - cut) + len(tail)
+    return head + filler[:cut] + needle + filler[cut:] + tail, distance
 
 
 def first_integer(text: str) -> str:

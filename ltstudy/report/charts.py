@@ -210,6 +210,37 @@ def passkey_heatmaps(passkey: pl.DataFrame) -> alt.Chart | None:
     )
 
 
+def passkey_by_distance(passkey: pl.DataFrame) -> alt.Chart | None:
+    """Accuracy against how far back the needle lies (power-of-two buckets), one line per run:
+    where a sliding window stops reaching the needle, its accuracy falls to chance."""
+    if not passkey.height:
+        return None
+    buckets = (
+        passkey.filter(pl.col("rope") == "none")
+        .with_columns(
+            (2 ** pl.col("needle_distance").clip(1).log(2).floor()).cast(pl.Int64).alias("from")
+        )
+        .group_by("run_id", "variant", "study", "from")
+        .agg(pl.col("correct").mean().alias("accuracy"), pl.len().alias("trials"))
+        .sort("from")
+    )
+    return (
+        alt.Chart(buckets)
+        .mark_line(point=True)
+        .encode(
+            x=alt.X(
+                "from:Q", scale=alt.Scale(type="log", base=2), title="needle distance (tokens)"
+            ),
+            y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1])),
+            color="variant:N",
+            detail="run_id:N",
+            tooltip=["run_id", "from", alt.Tooltip("accuracy:Q", format=".2f"), "trials"],
+        )
+        .properties(width=380, height=220)
+        .facet(facet=alt.Facet("study:N", title=None), columns=2)
+    )
+
+
 def throughput_vs_context(throughput: pl.DataFrame) -> alt.Chart | None:
     ok = throughput.filter(pl.col("status") == "ok")
     if not ok.height:

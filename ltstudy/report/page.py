@@ -128,6 +128,14 @@ def build_report(results_dir: str | Path, reports_dir: str | Path) -> Path:
             charts.passkey_heatmaps(t["passkey"]),
         ),
         (
+            "Passkey accuracy by needle distance",
+            "Accuracy against how many tokens back the needle lies (bucketed by powers of two, "
+            "runs' own positions). A sliding window falls to chance once the needle is out of "
+            "its reach.",
+            None,
+            charts.passkey_by_distance(t["passkey"]),
+        ),
+        (
             "RULER by task",
             "Mean score per task (RULER's string match) and length." + skipped_note,
             None,

@@ -59,6 +59,7 @@ TABLES: dict[str, pl.Schema] = {
         "length": pl.Int64,
         "rope": pl.String,
         "depth": pl.Float64,
+        "needle_distance": pl.Int64,
         "trial": pl.Int64,
         "passkey": pl.String,
         "prediction": pl.String,
