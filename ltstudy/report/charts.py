@@ -9,6 +9,11 @@ import polars as pl
 MAX_CURVE_POINTS = 200
 
 
+def tokens_axis(field: str, title: str) -> alt.X:
+    """A log-2 x axis: lengths, positions and distances in tokens grow by powers of two."""
+    return alt.X(f"{field}:Q", scale=alt.Scale(type="log", base=2), title=title)
+
+
 def leaderboard(t: dict[str, pl.DataFrame]) -> pl.DataFrame:
     """One row per run: size, final training loss, stride perplexity at the training context and
     at the longest evaluated length (best position method), passkey accuracy within the
@@ -101,9 +106,7 @@ def perplexity_vs_length(perplexity: pl.DataFrame, protocol: str) -> alt.Chart |
         alt.Chart(data)
         .mark_line(point=True)
         .encode(
-            x=alt.X(
-                "length:Q", scale=alt.Scale(type="log", base=2), title="evaluation length (tokens)"
-            ),
+            x=tokens_axis("length", "evaluation length (tokens)"),
             y=alt.Y("ppl:Q", scale=alt.Scale(zero=False), title="perplexity"),
             color=alt.Color("variant:N"),
             strokeDash=alt.StrokeDash("rope:N", title="position method"),
@@ -132,7 +135,7 @@ def loss_by_position(positions: pl.DataFrame) -> alt.Chart | None:
         alt.Chart(data)
         .mark_line(point=True)
         .encode(
-            x=alt.X("position:Q", scale=alt.Scale(type="log", base=2), title="token position"),
+            x=tokens_axis("position", "token position"),
             y=alt.Y("nll:Q", scale=alt.Scale(zero=False), title="loss (nats/token)"),
             color="variant:N",
             strokeDash=alt.StrokeDash("rope:N", title="position method"),
@@ -228,9 +231,7 @@ def passkey_by_distance(passkey: pl.DataFrame) -> alt.Chart | None:
         alt.Chart(buckets)
         .mark_line(point=True)
         .encode(
-            x=alt.X(
-                "from:Q", scale=alt.Scale(type="log", base=2), title="needle distance (tokens)"
-            ),
+            x=tokens_axis("from", "needle distance (tokens)"),
             y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1])),
             color="variant:N",
             detail="run_id:N",
@@ -261,7 +262,7 @@ def throughput_vs_context(throughput: pl.DataFrame) -> alt.Chart | None:
     return (
         base.mark_line(point=True)
         .encode(
-            x=alt.X("seq_len:Q", scale=alt.Scale(type="log", base=2), title="context (tokens)"),
+            x=tokens_axis("seq_len", "context (tokens)"),
             y=alt.Y("tokens_per_s:Q", scale=alt.Scale(type="log"), title="tokens / s"),
             color="variant:N",
             strokeDash="size:N",
