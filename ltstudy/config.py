@@ -133,6 +133,12 @@ def _check_data(data: Mapping, field: str, source: str) -> None:
         get_tokenizer(data["tokenizer"])
     except (OSError, ValueError) as err:
         raise ConfigError(f"{source}: config field `{field}.tokenizer`: {err}") from None
+    synthetic = data.get("synthetic") or {}
+    if synthetic.get("fraction") and not any(synthetic.get("mix", {}).values()):
+        raise ConfigError(
+            f"{source}: config field `{field}.synthetic.mix`: every weight is 0, but "
+            f"synthetic.fraction is {synthetic['fraction']}; give some kind a positive weight"
+        )
 
 
 def study_data(config: Mapping, study: Mapping) -> dict:

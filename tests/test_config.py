@@ -29,11 +29,13 @@ def test_shipped_configs_are_valid():
     assert full["scratch/ttt_swa-1.5B-32k"]["train"]["lr"] == 3.0e-4  # size_overrides
     assert full["scratch/ttt_swa-500M-32k"]["train"]["lr"] == 5.0e-4
     budget = expand_runs(load_config(ROOT / "config" / "retrieval-budget.yaml"))
-    assert {(s["variant"], s["train"]["steps"]) for s in budget.values()} == {
-        ("full", 1500),
-        ("full", 6000),
-        ("swa", 6000),
-    }
+    assert sorted(
+        (s["variant"], s["data"]["synthetic"]["mix"]["chars"]) for s in budget.values()
+    ) == [
+        ("full", 0),
+        ("full", 2),
+        ("swa", 2),
+    ]
     assert all(s["stages"] == ["train", "passkey"] for s in budget.values())
     assert all(s["run_dir"].startswith("results/retrieval-budget/") for s in budget.values())
 
@@ -77,6 +79,16 @@ def test_config_hash_ignores_resources_and_evaluation(micro_raw):
             lambda c: c["defaults"]["train"].update(micro_batch_size=3),
             "`train.micro_batch_size`",
             "3",
+        ),
+        (
+            lambda c: c["data"].update(synthetic={"fraction": 0.5, "mix": {"recall": 0}}),
+            "`data.synthetic.mix`",
+            "every weight is 0",
+        ),
+        (
+            lambda c: c["studies"][0].update(data={"synthetic": {"mix": {"chars": -1}}}),
+            "`synthetic.mix.chars`",
+            "-1",
         ),
     ],
 )

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ltstudy.data.corpus import Document, iter_documents
-from ltstudy.data.synthetic import recall_documents
+from ltstudy.data.synthetic import synthetic_documents
 from ltstudy.data.text import split_sentences, vocabulary
 from ltstudy.data.tokenizer import get_tokenizer
 from ltstudy.io import atomic_path, read_json, write_json
@@ -118,15 +118,19 @@ def build_dataset(data_cfg: Mapping[str, Any], out_dir: str | Path) -> dict[str,
     if synthetic.get("fraction"):
         share = synthetic["fraction"] / (1 - synthetic["fraction"])
         count = math.ceil(share * train_bytes / synthetic["size"])
-        for doc in recall_documents(
+        for doc in synthetic_documents(
             count,
             synthetic["seed"],
             vocabulary(samples)[:2000],
             split_sentences(samples),
             synthetic["size"],
+            synthetic["mix"],
         ):
             add(doc, "train")
-        print(f"[data] added {count} synthetic recall documents to the training split", flush=True)
+        kinds = ", ".join(f"{k} {w}" for k, w in synthetic["mix"].items() if w)
+        print(
+            f"[data] added {count} synthetic documents ({kinds}) to the training split", flush=True
+        )
     for w in writers.values():
         w.flush()
     for split in SPLITS:

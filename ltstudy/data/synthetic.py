@@ -1,15 +1,19 @@
-"""Synthetic key-value recall documents, mixed into training data (in the spirit of Zoology's
-MQAR): statements "key -> value" scattered through filler text, then queries whose answers can
-only be copied from earlier in the document. They give small models a retrieval skill to
-learn, so that retrieval evaluations separate architectures even at demo scale.
+"""Synthetic documents that reward copying from context, mixed into training data (in the
+spirit of Zoology's MQAR), so that retrieval evaluations can separate architectures at small
+scale. Three kinds: key-value recall (statements scattered through filler text, then queries
+answered by copying), repeated runs of words, and random strings each followed by its copy.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+import string
+from collections.abc import Iterator, Mapping, Sequence
 
 from ltstudy.data.corpus import Document
+
+KINDS = ("recall", "repeat", "chars")
+ALPHANUMERIC = string.ascii_letters + string.digits
 
 # (statement, query) templates; the query ends with the value, which must be recalled.
 TEMPLATES = [
@@ -51,13 +55,40 @@ def repeat_document(rng: random.Random, words: Sequence[str], size: int) -> str:
     return f"{run}. {run}."
 
 
-def recall_documents(
-    count: int, seed: int, words: Sequence[str], fillers: Sequence[str], size: int
+def chars_document(rng: random.Random, size: int) -> str:
+    """Random letter-and-digit strings of varying length, each followed by a copy of itself.
+
+    The copy can only be predicted by finding the string's earlier occurrence by content (no
+    fixed offset works, and the text has no statistics to lean on): the cleanest signal there
+    is for induction heads, the mechanism that passkey retrieval needs.
+    """
+    pieces: list[str] = []
+    while sum(map(len, pieces)) < size:
+        run = "".join(rng.choices(ALPHANUMERIC, k=rng.randint(8, 64)))
+        pieces.append(f"{run} {run}\n")
+    return "".join(pieces)
+
+
+def synthetic_documents(
+    count: int,
+    seed: int,
+    words: Sequence[str],
+    fillers: Sequence[str],
+    size: int,
+    mix: Mapping[str, int],
 ) -> Iterator[Document]:
-    """Half key-value recall documents, half repeated runs."""
+    """`count` documents whose kinds follow a fixed cycle by their integer weights in `mix`
+    ({"recall": 1, "repeat": 1} alternates the two), so the mix is exact at any count."""
+    cycle = [kind for kind in KINDS for _ in range(mix.get(kind, 0))]
+    if not cycle:
+        raise ValueError(f"synthetic mix {dict(mix)} gives every kind weight 0")
     rng = random.Random(f"recall/{seed}")
     for i in range(count):
-        if i % 2:
-            yield Document(f"synthetic/repeat/{i}", repeat_document(rng, words, size))
+        kind = cycle[i % len(cycle)]
+        if kind == "recall":
+            text = recall_document(rng, words, fillers, size)
+        elif kind == "repeat":
+            text = repeat_document(rng, words, size)
         else:
-            yield Document(f"synthetic/recall/{i}", recall_document(rng, words, fillers, size))
+            text = chars_document(rng, size)
+        yield Document(f"synthetic/{kind}/{i}", text)

@@ -1,0 +1,70 @@
+"""Synthetic copy documents: each kind holds what it promises, and the mix is exact."""
+
+import random
+import re
+
+import polars as pl
+
+from ltstudy.config import validate_config
+from ltstudy.data.dataset import build_dataset
+from ltstudy.data.synthetic import (
+    ALPHANUMERIC,
+    chars_document,
+    recall_document,
+    repeat_document,
+    synthetic_documents,
+)
+
+WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
+FILLERS = ["The river runs east. ", "A lamp stood by the door. ", "Nothing happened then. "]
+
+
+def test_chars_document_is_random_runs_each_followed_by_its_copy():
+    text = chars_document(random.Random(0), 500)
+    lines = text.splitlines()
+    assert len(text) >= 500 and len(lines) > 3
+    for line in lines:
+        first, second = line.split(" ")
+        assert first == second and 8 <= len(first) <= 64 and set(first) <= set(ALPHANUMERIC)
+    assert len({len(line) for line in lines}) > 1  # no fixed copy offset
+
+
+def test_recall_and_repeat_documents_hold_their_answers_earlier():
+    rng, checked = random.Random(1), 0
+    for _ in range(20):
+        text = recall_document(rng, WORDS, FILLERS, 400)
+        statements = dict(re.findall(r"The (\w+) key is (\d+)\. ", text))
+        if statements:  # the "key is" template: each query's value was stated before it
+            checked += 1
+            queries = re.findall(r"What is the (\w+) key\? The \w+ key is (\d+)\. ", text)
+            first_query = text.index("What is the")
+            assert queries and all(statements[k] == v for k, v in queries)
+            assert all(text.index(f"The {k} key is {v}. ") < first_query for k, v in queries)
+        run, copy = repeat_document(rng, WORDS, 200).split(". ", 1)
+        assert copy == run + "."
+    assert checked > 0
+
+
+def test_mix_is_an_exact_cycle_and_reproducible():
+    def kinds(mix, seed=0):
+        docs = list(synthetic_documents(9, seed, WORDS, FILLERS, 300, mix))
+        return [d.id.split("/")[1] for d in docs], [d.text for d in docs]
+
+    assert kinds({"recall": 1, "repeat": 1})[0][:4] == ["recall", "repeat", "recall", "repeat"]
+    order, texts = kinds({"recall": 1, "chars": 2})
+    assert order == ["recall", "chars", "chars"] * 3
+    assert texts == kinds({"recall": 1, "chars": 2})[1]
+    assert texts != kinds({"recall": 1, "chars": 2}, seed=1)[1]
+
+
+def test_dataset_adds_the_configured_kinds_to_training_only(micro_raw, tmp_path):
+    micro_raw["data"]["synthetic"] = {"fraction": 0.3, "size": 300, "mix": {"chars": 1}}
+    data = validate_config(micro_raw)["data"]
+    assert data["synthetic"]["mix"] == {"chars": 1, "recall": 0, "repeat": 0}
+    build_dataset(data, tmp_path)
+    docs = pl.read_parquet(tmp_path / "documents.parquet")
+    synthetic = docs.filter(pl.col("id").str.starts_with("synthetic/"))
+    assert synthetic.height > 0 and set(synthetic["split"]) == {"train"}
+    assert synthetic["id"].str.starts_with("synthetic/chars/").all()
+    share = synthetic["tokens"].sum() / docs.filter(pl.col("split") == "train")["tokens"].sum()
+    assert 0.25 < share < 0.4
