@@ -45,8 +45,8 @@ if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT/retrieval-budget"
   cp "$budget"/*.parquet "$OUT/retrieval-budget/"
   cp -r reports/retrieval-budget "$OUT/retrieval-budget/report"
-  for run in "$budget"/runs/budget_*/full-*/; do
-    dest="$OUT/retrieval-budget/$(basename "$(dirname "$run")")"
+  for run in "$budget"/runs/budget_full/*/; do
+    dest="$OUT/retrieval-budget/$(basename "$run")"
     mkdir -p "$dest"
     cp "$run/model.pt" "$run/spec.json" "$dest/"
   done
