@@ -29,10 +29,11 @@ import sys
 import polars as pl
 
 pl.Config(tbl_rows=-1, fmt_str_lengths=60)
+WINDOW = 64  # swa_window of the demo size preset
 table = pl.read_parquet(sys.argv[1]).with_columns(
-    pl.when(pl.col("needle_distance") < 64)
-    .then(pl.lit("<64 (in window)"))
-    .otherwise(pl.lit(">=64"))
+    pl.when(pl.col("needle_distance") < WINDOW)
+    .then(pl.lit(f"<{WINDOW} (in window)"))
+    .otherwise(pl.lit(f">={WINDOW}"))
     .alias("distance")
 )
 print(

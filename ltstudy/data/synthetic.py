@@ -12,7 +12,6 @@ from collections.abc import Iterator, Mapping, Sequence
 
 from ltstudy.data.corpus import Document
 
-KINDS = ("recall", "repeat", "chars")
 ALPHANUMERIC = string.ascii_letters + string.digits
 
 # (statement, query) templates; the query ends with the value, which must be recalled.
@@ -79,16 +78,15 @@ def synthetic_documents(
 ) -> Iterator[Document]:
     """`count` documents whose kinds follow a fixed cycle by their integer weights in `mix`
     ({"recall": 1, "repeat": 1} alternates the two), so the mix is exact at any count."""
-    cycle = [kind for kind in KINDS for _ in range(mix.get(kind, 0))]
+    rng = random.Random(f"recall/{seed}")
+    makers = {  # the cycle takes the kinds in this order
+        "recall": lambda: recall_document(rng, words, fillers, size),
+        "repeat": lambda: repeat_document(rng, words, size),
+        "chars": lambda: chars_document(rng, size),
+    }
+    cycle = [kind for kind in makers for _ in range(mix.get(kind, 0))]
     if not cycle:
         raise ValueError(f"synthetic mix {dict(mix)} gives every kind weight 0")
-    rng = random.Random(f"recall/{seed}")
     for i in range(count):
         kind = cycle[i % len(cycle)]
-        if kind == "recall":
-            text = recall_document(rng, words, fillers, size)
-        elif kind == "repeat":
-            text = repeat_document(rng, words, size)
-        else:
-            text = chars_document(rng, size)
-        yield Document(f"synthetic/{kind}/{i}", text)
+        yield Document(f"synthetic/{kind}/{i}", makers[kind]())
