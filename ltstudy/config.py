@@ -141,6 +141,20 @@ def _check_data(data: Mapping, field: str, source: str) -> None:
         )
 
 
+ANSWER_KINDS = ("recall", "passkey")  # the synthetic kinds that mark answers
+
+
+def _check_answer_weight(train: Mapping, data: Mapping, source: str) -> None:
+    synthetic = data.get("synthetic") or {}
+    marked = synthetic.get("fraction") and any(synthetic["mix"].get(k) for k in ANSWER_KINDS)
+    if train["answer_loss_weight"] and not marked:
+        raise ConfigError(
+            f"{source}: config field `train.answer_loss_weight`: {train['answer_loss_weight']} "
+            f"weighs answer tokens, but only {' and '.join(ANSWER_KINDS)} documents mark them "
+            "and this run's data.synthetic has none"
+        )
+
+
 def study_data(config: Mapping, study: Mapping) -> dict:
     """A study's data settings: the top-level `data` with the study's own `data` over it."""
     return deep_merge(config["data"], study.get("data", {}))
@@ -334,6 +348,7 @@ def resolve_run(config: Mapping, study: Mapping, name: str, settings: dict, sour
             f"longer than the shortest length {min(perplexity['lengths'])}"
         )
     data = study_data(config, study)
+    _check_answer_weight(settings["train"], data, source)
     shortest = min_prompt_length(get_tokenizer(data["tokenizer"]))
     too_short = min(evaluate["passkey"]["lengths"])
     if too_short < shortest:

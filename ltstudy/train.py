@@ -126,6 +126,11 @@ def load_checkpoint(path: Path, config_hash: str) -> dict[str, Any] | None:
     return state
 
 
+def answer_loss(losses: torch.Tensor, marked: torch.Tensor) -> torch.Tensor:
+    """Mean loss over the marked answer tokens (0 where a batch holds none)."""
+    return (losses * marked).sum() / marked.sum().clamp(min=1)
+
+
 def train(spec: Mapping[str, Any], on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Train one run to completion (resuming if a checkpoint exists); return a summary."""
     paths = run_paths(spec)
@@ -142,6 +147,13 @@ def train(spec: Mapping[str, Any], on_step: Callable[[int], None] | None = None)
             flush=True,
         )
     data = TokenData.load(spec["data_dir"], "train")
+    answer_weight = cfg["answer_loss_weight"]
+    if answer_weight and not data.n_answer_tokens:
+        raise ValueError(
+            f"{tag}: train.answer_loss_weight is {answer_weight} but {spec['data_dir']} marks no "
+            "answer tokens; add recall or passkey documents to data.synthetic.mix (a data "
+            "folder built before answers were marked must be deleted and rebuilt)"
+        )
     model = build_model(spec["model"], seed=spec["seed"], device=device)
     if spec.get("init_from_dir"):
         source = Path(spec["init_from_dir"]) / "model.pt"
@@ -194,13 +206,19 @@ def train(spec: Mapping[str, Any], on_step: Callable[[int], None] | None = None)
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            tokens = data.sample(batch, spec["context"] + 1, spec["seed"], step).to(device)
+            tokens, answers = data.sample_with_answers(
+                batch, spec["context"] + 1, spec["seed"], step, cfg["align_to_documents"]
+            )
             loss_sum = 0.0
-            for part in tokens.split(micro):
+            for part, marked in zip(
+                tokens.to(device).split(micro), answers.to(device).split(micro), strict=True
+            ):
                 starts = document_starts(part[:, :-1], eos_id) if reset_at_documents else None
                 with autocast(device, cfg["dtype"]):
-                    loss = model.token_losses(part[:, :-1], part[:, 1:], doc_starts=starts).mean()
-                (loss * part.shape[0] / batch).backward()
+                    losses = model.token_losses(part[:, :-1], part[:, 1:], doc_starts=starts)
+                loss = losses.mean()
+                objective = loss + answer_weight * answer_loss(losses, marked[:, 1:])
+                (objective * part.shape[0] / batch).backward()
                 loss_sum += loss.item() * part.shape[0]
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
             optimizer.step()

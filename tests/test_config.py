@@ -33,7 +33,8 @@ def test_shipped_configs_are_valid():
         ("full", 16000),
         ("swa", 4000),
     }
-    assert all(s["data"]["synthetic"]["mix"]["chars"] == 2 for s in budget.values())
+    assert all(s["data"]["synthetic"]["mix"]["passkey"] == 1 for s in budget.values())
+    assert all(s["train"]["answer_loss_weight"] == 10 for s in budget.values())
     assert all(s["stages"] == ["train", "passkey"] for s in budget.values())
     assert all(s["run_dir"].startswith("results/retrieval-budget/") for s in budget.values())
 
@@ -87,6 +88,19 @@ def test_config_hash_ignores_resources_and_evaluation(micro_raw):
             lambda c: c["studies"][0].update(data={"synthetic": {"mix": {"chars": -1}}}),
             "`synthetic.mix.chars`",
             "-1",
+        ),
+        (
+            lambda c: c["defaults"].setdefault("train", {}).update(answer_loss_weight=5),
+            "`train.answer_loss_weight`",
+            "no",
+        ),
+        (
+            lambda c: (
+                c["defaults"].setdefault("train", {}).update(answer_loss_weight=5),
+                c["data"].update(synthetic={"fraction": 0.5, "mix": {"recall": 0, "chars": 1}}),
+            ),
+            "`train.answer_loss_weight`",
+            "recall and passkey",
         ),
     ],
 )

@@ -53,6 +53,20 @@ def test_sampling_is_a_function_of_seed_and_step(tmp_path):
     assert data.sample(4, 33, seed=1, step=5).shape == (4, 33)
 
 
+def test_aligned_windows_start_at_documents(tmp_path):
+    build_dataset(DATA, tmp_path)
+    data = TokenData.load(tmp_path, "train")
+    windows = data.sample(16, 257, seed=1, step=2, aligned=True)
+    assert torch.equal(windows, data.sample(16, 257, seed=1, step=2, aligned=True))
+    shard = torch.from_numpy(data.shards[0].astype("int64"))
+    starts = set(data.document_starts[0].tolist())
+    assert (
+        starts and 0 in starts and all(shard[s - 1] == ByteTokenizer.eos_id for s in starts - {0})
+    )
+    for row in windows:  # each window is the text that follows one of the document starts
+        assert any(torch.equal(row, shard[s : s + 257]) for s in starts)
+
+
 def test_user_corpus_of_txt_jsonl_and_parquet(tmp_path):
     root = tmp_path / "corpus"
     (root / "sub").mkdir(parents=True)

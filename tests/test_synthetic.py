@@ -4,16 +4,20 @@ import random
 import re
 
 import polars as pl
+import torch
 
 from ltstudy.config import validate_config
-from ltstudy.data.dataset import build_dataset
+from ltstudy.data.dataset import TokenData, build_dataset
 from ltstudy.data.synthetic import (
     ALPHANUMERIC,
     chars_document,
+    passkey_document,
     recall_document,
     repeat_document,
     synthetic_documents,
 )
+from ltstudy.data.tokenizer import ByteTokenizer
+from ltstudy.evaluate.passkey_prompt import NEEDLE, QUESTION
 
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
 FILLERS = ["The river runs east. ", "A lamp stood by the door. ", "Nothing happened then. "]
@@ -32,17 +36,32 @@ def test_chars_document_is_random_runs_each_followed_by_its_copy():
 def test_recall_and_repeat_documents_hold_their_answers_earlier():
     rng, checked = random.Random(1), 0
     for _ in range(20):
-        text = recall_document(rng, WORDS, FILLERS, 400)
+        text, answers = recall_document(rng, WORDS, FILLERS, 400)
+        first_query = min(start for start, _ in answers)
+        for start, end in answers:  # each marked answer is a value stated before the queries
+            assert text[start:end].isdigit() and text.index(text[start:end]) < first_query
         statements = dict(re.findall(r"The (\w+) key is (\d+)\. ", text))
         if statements:  # the "key is" template: each query's value was stated before it
             checked += 1
             queries = re.findall(r"What is the (\w+) key\? The \w+ key is (\d+)\. ", text)
-            first_query = text.index("What is the")
             assert queries and all(statements[k] == v for k, v in queries)
             assert all(text.index(f"The {k} key is {v}. ") < first_query for k, v in queries)
         run, copy = repeat_document(rng, WORDS, 200).split(". ", 1)
         assert copy == run + "."
     assert checked > 0
+
+
+def test_passkey_document_hides_the_key_and_marks_it_after_the_question():
+    rng, depths = random.Random(2), set()
+    for _ in range(30):
+        text, [(start, end)] = passkey_document(rng, FILLERS, 400)
+        key = text[start:end]
+        needle = NEEDLE.format(key=key)
+        assert key.isdigit() and len(text) == 400
+        assert text.endswith(f"{QUESTION} {key}. ") and text.index(needle) < start
+        assert text.count(key) == 3  # twice in the needle, once as the answer
+        depths.add(round(text.index(needle) / len(text), 1))
+    assert len(depths) > 3  # the needle moves through the filler
 
 
 def test_mix_is_an_exact_cycle_and_reproducible():
@@ -60,7 +79,7 @@ def test_mix_is_an_exact_cycle_and_reproducible():
 def test_dataset_adds_the_configured_kinds_to_training_only(micro_raw, tmp_path):
     micro_raw["data"]["synthetic"] = {"fraction": 0.3, "size": 300, "mix": {"chars": 1}}
     data = validate_config(micro_raw)["data"]
-    assert data["synthetic"]["mix"] == {"chars": 1, "recall": 0, "repeat": 0}
+    assert data["synthetic"]["mix"] == {"chars": 1, "recall": 0, "repeat": 0, "passkey": 0}
     build_dataset(data, tmp_path)
     docs = pl.read_parquet(tmp_path / "documents.parquet")
     synthetic = docs.filter(pl.col("id").str.starts_with("synthetic/"))
@@ -68,3 +87,24 @@ def test_dataset_adds_the_configured_kinds_to_training_only(micro_raw, tmp_path)
     assert synthetic["id"].str.starts_with("synthetic/chars/").all()
     share = synthetic["tokens"].sum() / docs.filter(pl.col("split") == "train")["tokens"].sum()
     assert 0.25 < share < 0.4
+
+
+def test_dataset_marks_exactly_the_answer_tokens(micro_raw, tmp_path):
+    micro_raw["data"]["synthetic"] = {
+        "fraction": 0.5,
+        "size": 300,
+        "mix": {"recall": 1, "repeat": 0, "passkey": 1},
+    }
+    build_dataset(validate_config(micro_raw)["data"], tmp_path)
+    data = TokenData.load(tmp_path, "train")
+    tokens, marked = data.sample_with_answers(32, 257, seed=0, step=3)
+    assert torch.equal(tokens, data.sample(32, 257, seed=0, step=3))
+    decode = ByteTokenizer().decode
+    answers = 0
+    for row, mask in zip(tokens.tolist(), marked.tolist(), strict=True):
+        edges = [i for i in range(1, len(row)) if mask[i] != mask[i - 1]]
+        for start, end in zip(edges[::2], edges[1::2], strict=False):  # runs inside the window
+            value, before = decode(row[start:end]), decode(row[:start])
+            assert value.isdigit() and re.search(r"(is|=|it is) $", before), (before, value)
+            answers += 1
+    assert answers > 10 and data.n_answer_tokens > 0

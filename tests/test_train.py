@@ -17,7 +17,10 @@ import polars as pl
 import pytest
 import torch
 
-from ltstudy.train import lr_at, run_paths, train
+from ltstudy.config import validate_config
+from ltstudy.data.dataset import TokenData, build_dataset
+from ltstudy.models.transformer import build_model
+from ltstudy.train import answer_loss, lr_at, run_paths, train
 from tests.conftest import micro_spec
 
 # Runs training in a child process, slowed per step so the test can interrupt it mid-run.
@@ -50,6 +53,35 @@ def test_training_learns_and_writes_outputs(tmp_path, micro_data):
     state = torch.load(paths["model"], weights_only=False)
     assert state["config_hash"] == spec["config_hash"] and state["step"] == 30
     assert not paths["checkpoint"].parent.exists()  # checkpoints removed after success
+
+
+def test_answer_loss_weight_trains_on_marked_answers(tmp_path, micro_raw):
+    """With the weight, the marked answers (passkey keys) get the gradient: their loss falls
+    faster than under plain next-token loss from the same start."""
+    micro_raw["data"]["synthetic"] = {"fraction": 0.8, "size": 120, "mix": {"passkey": 1}}
+    data_dir = tmp_path / "data"
+    build_dataset(validate_config(micro_raw)["data"], data_dir)
+    data = TokenData.load(data_dir, "train")
+    tokens, marked = data.sample_with_answers(64, 65, seed=7, step=0)
+
+    def answer_loss_after(weight: float) -> float:
+        spec = micro_spec(tmp_path / str(weight), data_dir, steps=40, lr=1e-2)
+        spec["train"]["answer_loss_weight"] = weight
+        train(spec)
+        model = build_model(spec["model"], seed=None)
+        model.load_state_dict(torch.load(run_paths(spec)["model"])["state_dict"])
+        with torch.no_grad():
+            losses = model.token_losses(tokens[:, :-1], tokens[:, 1:])
+        return float(answer_loss(losses, marked[:, 1:]))
+
+    weighted, plain = answer_loss_after(20.0), answer_loss_after(0.0)
+    assert weighted < plain - 0.5  # measured: 2.8 against 4.2
+
+
+def test_answer_loss_weight_needs_marked_answers(tmp_path, micro_data):
+    spec = micro_spec(tmp_path, micro_data, steps=2, answer_loss_weight=3.0)
+    with pytest.raises(ValueError, match=r"answer_loss_weight.*marks no answer tokens"):
+        train(spec)
 
 
 def _start(spec_path: Path) -> subprocess.Popen:

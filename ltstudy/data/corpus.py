@@ -18,8 +18,13 @@ SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 @dataclass(frozen=True)
 class Document:
+    """A text; `answers` are character spans [start, end) a model can only predict by recalling
+    them from earlier in the text (marked in synthetic documents, for `train.answer_loss_weight`).
+    """
+
     id: str
     text: str
+    answers: tuple[tuple[int, int], ...] = ()
 
 
 class CorpusError(ValueError):

@@ -4,6 +4,8 @@ Layout of a data folder:
   manifest.json        tokenizer, splits, shard files with token counts and sha256
   documents.parquet    one row per document: id, split, shard, offset, tokens, sha256
   <split>-<k>.bin      uint16 token ids, documents separated by the EOS token
+  <split>-<k>.answers.npy  [n, 2] token spans [start, end) of the shard's marked answers
+                       (synthetic recall documents; only written when there are any)
 
 Documents go to train or validation by a hash of their id, so the split is stable when
 documents are added or removed.
@@ -11,6 +13,7 @@ documents are added or removed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import time
@@ -42,15 +45,18 @@ class _ShardWriter:
         self.out_dir, self.split = out_dir, split
         self.shards: list[dict[str, Any]] = []
         self._parts: list[np.ndarray] = []
+        self._answers: list[tuple[int, int]] = []
         self._size = 0
 
     @property
     def position(self) -> tuple[int, int]:
         return len(self.shards), self._size
 
-    def add(self, tokens: np.ndarray) -> None:
+    def add(self, tokens: np.ndarray, answers: list[tuple[int, int]]) -> None:
+        """Append a document's tokens; `answers` are token spans relative to its start."""
         if self._size and self._size + len(tokens) > SHARD_TOKENS:
             self.flush()
+        self._answers += [(self._size + a, self._size + b) for a, b in answers]
         self._parts.append(tokens)
         self._size += len(tokens)
 
@@ -61,14 +67,38 @@ class _ShardWriter:
         name = f"{self.split}-{len(self.shards):05d}.bin"
         with atomic_path(self.out_dir / name) as tmp:
             data.tofile(tmp)
-        self.shards.append(
-            {
-                "file": name,
-                "tokens": len(data),
-                "sha256": hashlib.sha256(data.tobytes()).hexdigest(),
-            }
-        )
-        self._parts, self._size = [], 0
+        shard = {
+            "file": name,
+            "tokens": len(data),
+            "sha256": hashlib.sha256(data.tobytes()).hexdigest(),
+        }
+        if self._answers:
+            shard["answers"] = name.replace(".bin", ".answers.npy")
+            with atomic_path(self.out_dir / shard["answers"]) as tmp, open(tmp, "wb") as f:
+                np.save(f, np.asarray(self._answers, dtype=np.int64))
+        self.shards.append(shard)
+        self._parts, self._answers, self._size = [], [], 0
+
+
+def encode_document(tokenizer, doc: Document) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of a document (EOS appended) and the token spans of its marked answers.
+
+    A document with answers is encoded piece by piece, cut at the answers' edges, so that each
+    answer is exactly a run of tokens.
+    """
+    if not doc.answers:
+        return [*tokenizer.encode(doc.text), tokenizer.eos_id], []
+    tokens: list[int] = []
+    spans: list[tuple[int, int]] = []
+    position = 0
+    for start, end in sorted(doc.answers):
+        tokens += tokenizer.encode(doc.text[position:start])
+        answer = tokenizer.encode(doc.text[start:end])
+        spans.append((len(tokens), len(tokens) + len(answer)))
+        tokens += answer
+        position = end
+    tokens += [*tokenizer.encode(doc.text[position:]), tokenizer.eos_id]
+    return tokens, spans
 
 
 def build_dataset(data_cfg: Mapping[str, Any], out_dir: str | Path) -> dict[str, Any]:
@@ -85,9 +115,10 @@ def build_dataset(data_cfg: Mapping[str, Any], out_dir: str | Path) -> dict[str,
 
     def add(doc: Document, split: str) -> None:
         raw = doc.text.encode("utf-8")
-        tokens = np.asarray([*tokenizer.encode(doc.text), tokenizer.eos_id], dtype=np.uint16)
+        ids, answers = encode_document(tokenizer, doc)
+        tokens = np.asarray(ids, dtype=np.uint16)
         shard, offset = writers[split].position
-        writers[split].add(tokens)
+        writers[split].add(tokens, answers)
         rows.append(
             {
                 "id": doc.id,
@@ -177,40 +208,93 @@ def build_dataset(data_cfg: Mapping[str, Any], out_dir: str | Path) -> dict[str,
 
 @dataclass
 class TokenData:
-    """Memory-mapped shards of one split."""
+    """Memory-mapped shards of one split, with each shard's marked answer spans and (loaded on
+    first use) document starts."""
 
     shards: list[np.ndarray]
+    answers: list[np.ndarray]  # per shard: [n, 2] token spans [start, end), in order
+    data_dir: Path
+    split: str
 
     @classmethod
     def load(cls, data_dir: str | Path, split: str) -> TokenData:
         data_dir = Path(data_dir)
         manifest = read_json(data_dir / "manifest.json")
-        shards = [
-            np.memmap(data_dir / s["file"], dtype="<u2", mode="r")
-            for s in manifest["splits"][split]["shards"]
+        entries = manifest["splits"][split]["shards"]
+        shards = [np.memmap(data_dir / s["file"], dtype="<u2", mode="r") for s in entries]
+        answers = [
+            np.load(data_dir / s["answers"]) if "answers" in s else np.zeros((0, 2), np.int64)
+            for s in entries
         ]
-        return cls(shards)
+        return cls(shards, answers, data_dir, split)
 
     @property
     def n_tokens(self) -> int:
         return sum(len(s) for s in self.shards)
 
-    def sample(self, batch_size: int, length: int, seed: int, step: int):
-        """`batch_size` random windows of `length` tokens; a pure function of (seed, step)."""
+    @property
+    def n_answer_tokens(self) -> int:
+        return int(sum((a[:, 1] - a[:, 0]).sum() for a in self.answers))
+
+    @functools.cached_property
+    def document_starts(self) -> list[np.ndarray]:
+        """Per shard, the token offsets where documents begin, in order."""
+        import polars as pl
+
+        docs = pl.read_parquet(
+            self.data_dir / "documents.parquet", columns=["split", "shard", "offset"]
+        )
+        docs = docs.filter(pl.col("split") == self.split)
+        return [
+            np.sort(docs.filter(pl.col("shard") == k)["offset"].to_numpy())
+            for k in range(len(self.shards))
+        ]
+
+    def sample(self, batch_size: int, length: int, seed: int, step: int, aligned: bool = False):
+        """`batch_size` windows of `length` tokens at random offsets (aligned: at random
+        document starts); a pure function of (seed, step)."""
+        return self.sample_with_answers(batch_size, length, seed, step, aligned)[0]
+
+    def sample_with_answers(
+        self, batch_size: int, length: int, seed: int, step: int, aligned: bool = False
+    ):
+        """The windows of `sample` and a bool mask of the same shape marking answer tokens."""
         import torch
 
-        usable = [i for i, s in enumerate(self.shards) if len(s) > length]
-        if not usable:
-            raise ValueError(f"no shard holds more than {length} tokens; the corpus is too small")
         rng = np.random.default_rng([seed, step])
-        weights = np.array([len(self.shards[i]) - length for i in usable], dtype=np.float64)
-        picks = rng.choice(len(usable), size=batch_size, p=weights / weights.sum())
-        rows = []
-        for k in picks:
-            shard = self.shards[usable[k]]
-            start = int(rng.integers(0, len(shard) - length))
-            rows.append(np.asarray(shard[start : start + length], dtype=np.int64))
-        return torch.from_numpy(np.stack(rows))
+        rows, masks = [], []
+        for shard, start in self._windows(batch_size, length, rng, aligned):
+            rows.append(np.asarray(self.shards[shard][start : start + length], dtype=np.int64))
+            masks.append(self._answer_mask(shard, start, length))
+        return torch.from_numpy(np.stack(rows)), torch.from_numpy(np.stack(masks))
+
+    def _windows(
+        self, batch_size: int, length: int, rng: np.random.Generator, aligned: bool
+    ) -> list[tuple[int, int]]:
+        """(shard, start) of each window, uniform over the possible starts."""
+        if aligned:
+            starts = [
+                s[s <= len(shard) - length]
+                for s, shard in zip(self.document_starts, self.shards, strict=True)
+            ]
+            counts = np.array([len(s) for s in starts], dtype=np.float64)
+        else:
+            counts = np.array([max(0, len(s) - length) for s in self.shards], dtype=np.float64)
+        if not counts.sum():
+            raise ValueError(f"no shard holds more than {length} tokens; the corpus is too small")
+        picks = rng.choice(len(counts), size=batch_size, p=counts / counts.sum())
+        offsets = [int(rng.integers(0, counts[k])) for k in picks]
+        if aligned:
+            return [(int(k), int(starts[k][i])) for k, i in zip(picks, offsets, strict=True)]
+        return [(int(k), i) for k, i in zip(picks, offsets, strict=True)]
+
+    def _answer_mask(self, shard: int, start: int, length: int) -> np.ndarray:
+        spans, mask = self.answers[shard], np.zeros(length, dtype=bool)
+        first = np.searchsorted(spans[:, 1], start, side="right")  # first span ending inside
+        last = np.searchsorted(spans[:, 0], start + length)  # spans starting before the end
+        for a, b in spans[first:last]:
+            mask[max(a - start, 0) : b - start] = True
+        return mask
 
     def head(self, n_tokens: int):
         """The first n_tokens of the split (across shards), as a 1-D tensor."""

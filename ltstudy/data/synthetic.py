@@ -1,7 +1,11 @@
 """Synthetic documents that reward copying from context, mixed into training data (in the
 spirit of Zoology's MQAR), so that retrieval evaluations can separate architectures at small
-scale. Three kinds: key-value recall (statements scattered through filler text, then queries
-answered by copying), repeated runs of words, and random strings each followed by its copy.
+scale. Four kinds: key-value recall (statements scattered through filler text, then queries
+answered by copying), passkey (one key hidden in filler text, asked for at the end), repeated
+runs of words, and random strings each followed by its copy.
+
+Recall and passkey documents mark their answers (the recalled values) as character spans, so
+training can weight them (`train.answer_loss_weight`) as Zoology supervises MQAR's answers.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import string
 from collections.abc import Iterator, Mapping, Sequence
 
 from ltstudy.data.corpus import Document
+from ltstudy.evaluate.passkey_prompt import NEEDLE, QUESTION
 
 ALPHANUMERIC = string.ascii_letters + string.digits
 
@@ -23,25 +28,65 @@ TEMPLATES = [
 ]
 
 
+Span = tuple[int, int]
+
+
+def _filler(rng: random.Random, fillers: Sequence[str], budget: int) -> list[str]:
+    """Random filler sentences, at least `budget` characters of them."""
+    filler: list[str] = []
+    while sum(map(len, filler)) < budget:
+        filler.append(rng.choice(fillers))
+    return filler
+
+
+def _with_answer(text: str, template: str, value: str, **fields: str) -> tuple[str, Span]:
+    """`text` followed by `template` filled in, and the character span of its `{v}`."""
+    before = template[: template.index("{v}")].format(**fields)
+    start = len(text) + len(before)
+    return text + template.format(v=value, **fields), (start, start + len(value))
+
+
 def recall_document(
     rng: random.Random, words: Sequence[str], fillers: Sequence[str], size: int
-) -> str:
-    """About `size` characters: statements spread over the first part, queries at the end."""
+) -> tuple[str, list[Span]]:
+    """About `size` characters: statements spread over the first part, queries at the end.
+    Returns the text and the spans of the queried values."""
     statement, query = rng.choice(TEMPLATES)
     n_pairs = rng.randint(2, max(2, size // 80))
     keys = rng.sample(list(words), n_pairs)
     values = {k: str(rng.randint(1, 99999)) for k in keys}
     pieces = [statement.format(k=k, v=values[k]) for k in keys]
-    questions = "".join(query.format(k=k, v=values[k]) for k in rng.sample(keys, n_pairs))
-    budget = max(0, size - sum(map(len, pieces)) - len(questions))
-    filler = []
-    while sum(map(len, filler)) < budget:
-        filler.append(rng.choice(fillers))
+    order = rng.sample(keys, n_pairs)
+    query_chars = sum(len(query.format(k=k, v=values[k])) for k in keys)
+    filler = _filler(rng, fillers, size - sum(map(len, pieces)) - query_chars)
     slots = sorted(rng.randrange(len(filler) + 1) for _ in pieces)
     body = list(filler)
     for offset, (slot, piece) in enumerate(zip(slots, pieces, strict=True)):
         body.insert(slot + offset, piece)
-    return "".join(body) + questions
+    text, answers = "".join(body), []
+    for k in order:
+        text, span = _with_answer(text, query, values[k], k=k)
+        answers.append(span)
+    return text, answers
+
+
+def passkey_document(
+    rng: random.Random, fillers: Sequence[str], size: int
+) -> tuple[str, list[Span]]:
+    """`size` characters, like a passkey prompt: filler sentences (cut to length) with the
+    passkey evaluation's needle at a random depth, then its question and the key. The key is
+    random and the filler is training text, so the evaluation still measures recall. With
+    `size` just under the context and `train.align_to_documents`, a training window holds one
+    whole document and no other key."""
+    key = str(rng.randint(1, 99999))
+    needle = NEEDLE.format(key=key)
+    answer = QUESTION + " {v}. "
+    budget = max(0, size - len(needle) - len(answer.format(v=key)))
+    filler = "".join(_filler(rng, fillers, budget))[:budget]
+    cut = rng.randint(0, budget)
+    text = filler[:cut] + needle + filler[cut:]
+    text, span = _with_answer(text, answer, key)
+    return text, [span]
 
 
 def repeat_document(rng: random.Random, words: Sequence[str], size: int) -> str:
@@ -79,14 +124,16 @@ def synthetic_documents(
     """`count` documents whose kinds follow a fixed cycle by their integer weights in `mix`
     ({"recall": 1, "repeat": 1} alternates the two), so the mix is exact at any count."""
     rng = random.Random(f"recall/{seed}")
-    makers = {  # the cycle takes the kinds in this order
+    makers = {  # the cycle takes the kinds in this order; each gives (text, answer spans)
         "recall": lambda: recall_document(rng, words, fillers, size),
-        "repeat": lambda: repeat_document(rng, words, size),
-        "chars": lambda: chars_document(rng, size),
+        "repeat": lambda: (repeat_document(rng, words, size), []),
+        "chars": lambda: (chars_document(rng, size), []),
+        "passkey": lambda: passkey_document(rng, fillers, size),
     }
     cycle = [kind for kind in makers for _ in range(mix.get(kind, 0))]
     if not cycle:
         raise ValueError(f"synthetic mix {dict(mix)} gives every kind weight 0")
     for i in range(count):
         kind = cycle[i % len(cycle)]
-        yield Document(f"synthetic/{kind}/{i}", makers[kind]())
+        text, answers = makers[kind]()
+        yield Document(f"synthetic/{kind}/{i}", text, tuple(answers))
