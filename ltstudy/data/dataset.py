@@ -5,7 +5,7 @@ Layout of a data folder:
   documents.parquet    one row per document: id, split, shard, offset, tokens, sha256
   <split>-<k>.bin      uint16 token ids, documents separated by the EOS token
   <split>-<k>.answers.npy  [n, 2] token spans [start, end) of the shard's marked answers
-                       (synthetic recall documents; only written when there are any)
+                       (recall and passkey documents; written only where there are any)
 
 Documents go to train or validation by a hash of their id, so the split is stable when
 documents are added or removed.
