@@ -67,6 +67,27 @@ def test_aligned_windows_start_at_documents(tmp_path):
         assert any(torch.equal(row, shard[s : s + 257]) for s in starts)
 
 
+class WideVocabulary(ByteTokenizer):
+    """Byte tokens shifted past 65,536, like Qwen3's 151,936-id vocabulary."""
+
+    shift = 100_000
+    vocab_size = ByteTokenizer.vocab_size + shift
+    eos_id = ByteTokenizer.eos_id + shift
+
+    def encode(self, text):
+        return [t + self.shift for t in super().encode(text)]
+
+
+def test_vocabularies_over_uint16_are_stored_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr("ltstudy.data.dataset.get_tokenizer", lambda name: WideVocabulary())
+    manifest = build_dataset(DATA, tmp_path)
+    assert manifest["token_dtype"] == "<u4"
+    data = TokenData.load(tmp_path, "train")
+    tokens = data.sample(4, 65, seed=0, step=0)
+    assert tokens.min() >= WideVocabulary.shift and tokens.max() < WideVocabulary.vocab_size
+    assert (data.head(5000) == WideVocabulary.eos_id).any()
+
+
 def test_user_corpus_of_txt_jsonl_and_parquet(tmp_path):
     root = tmp_path / "corpus"
     (root / "sub").mkdir(parents=True)

@@ -3,7 +3,8 @@
 Layout of a data folder:
   manifest.json        tokenizer, splits, shard files with token counts and sha256
   documents.parquet    one row per document: id, split, shard, offset, tokens, sha256
-  <split>-<k>.bin      uint16 token ids, documents separated by the EOS token
+  <split>-<k>.bin      token ids (uint16, or uint32 for vocabularies over 65,536; the
+                       manifest's token_dtype), documents separated by the EOS token
   <split>-<k>.answers.npy  [n, 2] token spans [start, end) of the shard's marked answers
                        (recall and passkey documents; written only where there are any)
 
@@ -34,6 +35,11 @@ SPLITS = ("train", "validation")
 SHARD_TOKENS = 1 << 28  # 512 MiB of uint16 per shard
 
 
+def token_dtype(vocab_size: int) -> str:
+    """The narrowest little-endian unsigned type that holds every token id."""
+    return "<u2" if vocab_size <= 1 << 16 else "<u4"
+
+
 def document_split(doc_id: str, validation_fraction: float, seed: int) -> str:
     digest = hashlib.sha256(f"{seed}:{doc_id}".encode()).digest()
     u = int.from_bytes(digest[:8], "big") / 2**64
@@ -41,8 +47,8 @@ def document_split(doc_id: str, validation_fraction: float, seed: int) -> str:
 
 
 class _ShardWriter:
-    def __init__(self, out_dir: Path, split: str):
-        self.out_dir, self.split = out_dir, split
+    def __init__(self, out_dir: Path, split: str, dtype: str):
+        self.out_dir, self.split, self.dtype = out_dir, split, dtype
         self.shards: list[dict[str, Any]] = []
         self._parts: list[np.ndarray] = []
         self._answers: list[tuple[int, int]] = []
@@ -63,7 +69,7 @@ class _ShardWriter:
     def flush(self) -> None:
         if not self._size:
             return
-        data = np.concatenate(self._parts).astype("<u2")
+        data = np.concatenate(self._parts).astype(self.dtype)
         name = f"{self.split}-{len(self.shards):05d}.bin"
         with atomic_path(self.out_dir / name) as tmp:
             data.tofile(tmp)
@@ -108,7 +114,8 @@ def build_dataset(data_cfg: Mapping[str, Any], out_dir: str | Path) -> dict[str,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = get_tokenizer(data_cfg["tokenizer"])
-    writers = {s: _ShardWriter(out_dir, s) for s in SPLITS}
+    dtype = token_dtype(tokenizer.vocab_size)
+    writers = {s: _ShardWriter(out_dir, s, dtype) for s in SPLITS}
     rows: list[dict[str, Any]] = []
     total_bytes, train_bytes, started = 0, 0, time.time()
     samples: list[str] = []  # some training texts, for the synthetic documents' words and filler
@@ -116,7 +123,7 @@ def build_dataset(data_cfg: Mapping[str, Any], out_dir: str | Path) -> dict[str,
     def add(doc: Document, split: str) -> None:
         raw = doc.text.encode("utf-8")
         ids, answers = encode_document(tokenizer, doc)
-        tokens = np.asarray(ids, dtype=np.uint16)
+        tokens = np.asarray(ids, dtype=dtype)
         shard, offset = writers[split].position
         writers[split].add(tokens, answers)
         rows.append(
@@ -184,6 +191,7 @@ def build_dataset(data_cfg: Mapping[str, Any], out_dir: str | Path) -> dict[str,
         "data_config": dict(data_cfg),
         "tokenizer": data_cfg["tokenizer"],
         "vocab_size": tokenizer.vocab_size,
+        "token_dtype": dtype,
         "eos_id": tokenizer.eos_id,
         "documents": len(rows),
         "bytes": total_bytes,
@@ -221,7 +229,8 @@ class TokenData:
         data_dir = Path(data_dir)
         manifest = read_json(data_dir / "manifest.json")
         entries = manifest["splits"][split]["shards"]
-        shards = [np.memmap(data_dir / s["file"], dtype="<u2", mode="r") for s in entries]
+        dtype = manifest.get("token_dtype", "<u2")  # folders built before it was recorded
+        shards = [np.memmap(data_dir / s["file"], dtype=dtype, mode="r") for s in entries]
         answers = [
             np.load(data_dir / s["answers"]) if "answers" in s else np.zeros((0, 2), np.int64)
             for s in entries
