@@ -216,9 +216,10 @@ def train(spec: Mapping[str, Any], on_step: Callable[[int], None] | None = None)
                 starts = document_starts(part[:, :-1], eos_id) if reset_at_documents else None
                 with autocast(device, cfg["dtype"]):
                     losses = model.token_losses(part[:, :-1], part[:, 1:], doc_starts=starts)
-                loss = losses.mean()
-                answers = answer_loss(losses, marked[:, 1:])
-                objective = (loss + answer_weight * answers) / (1 + answer_weight)
+                loss = objective = losses.mean()
+                if answer_weight:
+                    answer_mean = answer_loss(losses, marked[:, 1:])
+                    objective = (loss + answer_weight * answer_mean) / (1 + answer_weight)
                 (objective * part.shape[0] / batch).backward()
                 loss_sum += loss.item() * part.shape[0]
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
