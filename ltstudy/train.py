@@ -32,12 +32,18 @@ class TrainingInterrupted(RuntimeError):
 
 
 def lr_at(step: int, train: Mapping[str, Any]) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, cosine to min_lr."""
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then a cosine down to
+    min_lr, or (schedule "wsd": warmup-stable-decay) the peak held until the last
+    `decay_fraction` of the steps and a linear decay to min_lr over them."""
     peak, warmup, total = train["lr"], train["warmup_steps"], train["steps"]
+    floor = peak * train["min_lr_ratio"]
     if step < warmup:
         return peak * (step + 1) / warmup
+    if train["schedule"] == "wsd":
+        decay_start = max(warmup, total - round(train["decay_fraction"] * total))
+        progress = (step + 1 - decay_start) / max(1, total - decay_start)
+        return peak - (peak - floor) * min(1.0, max(0.0, progress))
     progress = (step - warmup) / max(1, total - warmup)
-    floor = peak * train["min_lr_ratio"]
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -126,9 +132,10 @@ def load_checkpoint(path: Path, config_hash: str) -> dict[str, Any] | None:
     return state
 
 
-def answer_loss(losses: torch.Tensor, marked: torch.Tensor) -> torch.Tensor:
-    """Mean loss over the marked answer tokens (0 where a batch holds none)."""
-    return (losses * marked).sum() / marked.sum().clamp(min=1)
+def masked_mean(losses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean loss over the positions `mask` marks (0 where it marks none): the answer tokens,
+    or every token that is not padding."""
+    return (losses * mask).sum() / mask.sum().clamp(min=1)
 
 
 def train(spec: Mapping[str, Any], on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -206,19 +213,19 @@ def train(spec: Mapping[str, Any], on_step: Callable[[int], None] | None = None)
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            tokens, answers = data.sample_with_answers(
-                batch, spec["context"] + 1, spec["seed"], step, cfg["align_to_documents"]
+            tokens, answers, padding = data.sample_batch(
+                batch, spec["context"] + 1, spec["seed"], step, cfg["windows"]
             )
             loss_sum = 0.0
-            for part, marked in zip(
-                tokens.to(device).split(micro), answers.to(device).split(micro), strict=True
+            for part, marked, pad in zip(
+                *(x.to(device).split(micro) for x in (tokens, answers, padding)), strict=True
             ):
                 starts = document_starts(part[:, :-1], eos_id) if reset_at_documents else None
                 with autocast(device, cfg["dtype"]):
                     losses = model.token_losses(part[:, :-1], part[:, 1:], doc_starts=starts)
-                loss = objective = losses.mean()
+                loss = objective = masked_mean(losses, ~pad[:, 1:])
                 if answer_weight:
-                    answer_mean = answer_loss(losses, marked[:, 1:])
+                    answer_mean = masked_mean(losses, marked[:, 1:])
                     objective = (loss + answer_weight * answer_mean) / (1 + answer_weight)
                 (objective * part.shape[0] / batch).backward()
                 loss_sum += loss.item() * part.shape[0]

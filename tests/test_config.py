@@ -21,6 +21,18 @@ def test_micro_config_expands(micro_raw):
 def test_shipped_configs_are_valid():
     demo = expand_runs(load_config(ROOT / "config" / "demo.yaml"))
     assert {s["variant"] for s in demo.values()} == set(VARIANTS)
+    retrieval = {s["variant"]: s for s in demo.values() if s["study"] == "retrieval"}
+    assert set(retrieval) == {"full", "swa"}  # the demo's passkey contrast (issue 4, item 2)
+    for spec in retrieval.values():
+        assert spec["stages"] == ["train", "passkey"]
+        assert spec["data"]["synthetic"]["mix"] == {
+            "recall": 0,
+            "repeat": 0,
+            "chars": 0,
+            "passkey": 1,
+        }
+        assert spec["train"]["windows"] == "one_document" and spec["train"]["schedule"] == "wsd"
+        assert max(spec["evaluate"]["passkey"]["lengths"]) > spec["context"]
     full = expand_runs(load_config(ROOT / "config" / "config.yaml"))
     sizes = {s["size"] for s in full.values()}
     contexts = {s["context"] for s in full.values()}

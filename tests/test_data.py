@@ -56,8 +56,8 @@ def test_sampling_is_a_function_of_seed_and_step(tmp_path):
 def test_aligned_windows_start_at_documents(tmp_path):
     build_dataset(DATA, tmp_path)
     data = TokenData.load(tmp_path, "train")
-    windows = data.sample(16, 257, seed=1, step=2, aligned=True)
-    assert torch.equal(windows, data.sample(16, 257, seed=1, step=2, aligned=True))
+    windows = data.sample(16, 257, seed=1, step=2, windows="documents")
+    assert torch.equal(windows, data.sample(16, 257, seed=1, step=2, windows="documents"))
     shard = torch.from_numpy(data.shards[0].astype("int64"))
     starts = set(data.document_starts[0].tolist())
     assert (
@@ -65,6 +65,28 @@ def test_aligned_windows_start_at_documents(tmp_path):
     )
     for row in windows:  # each window is the text that follows one of the document starts
         assert any(torch.equal(row, shard[s : s + 257]) for s in starts)
+
+
+def test_one_document_windows_hold_one_document_then_padding(tmp_path):
+    synthetic = {"fraction": 0.5, "size": 120, "seed": 0, "mix": {"recall": 1, "passkey": 1}}
+    build_dataset({**DATA, "synthetic": synthetic}, tmp_path)
+    data = TokenData.load(tmp_path, "train")
+    batch = data.sample_batch(64, 257, seed=3, step=1, windows="one_document")
+    assert torch.equal(batch.tokens, data.sample(64, 257, 3, 1, windows="one_document"))
+    eos = ByteTokenizer.eos_id
+    shard = torch.from_numpy(data.shards[0].astype("int64"))
+    starts = data.document_starts[0].tolist()
+    ends = dict(zip(starts, [*starts[1:], len(shard)], strict=True))
+    padded = 0
+    for row, pad in zip(batch.tokens, batch.padding, strict=True):
+        n = int((~pad).sum())  # the document's tokens come first, then only padding
+        assert not pad[:n].any() and (row[n:] == eos).all()
+        start = next(s for s in starts if torch.equal(row[:n], shard[s : s + n]))
+        assert n == min(257, ends[start] - start)  # cut at the document's EOS or the window
+        assert n == 257 or row[n - 1] == eos
+        padded += n < 257
+    assert padded > 10  # the short synthetic documents were padded
+    assert not (batch.answers & batch.padding).any()
 
 
 class WideVocabulary(ByteTokenizer):

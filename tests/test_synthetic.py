@@ -1,5 +1,6 @@
 """Synthetic copy documents: each kind holds what it promises, and the mix is exact."""
 
+import itertools
 import random
 import re
 
@@ -10,6 +11,7 @@ from ltstudy.config import validate_config
 from ltstudy.data.dataset import TokenData, build_dataset
 from ltstudy.data.synthetic import (
     ALPHANUMERIC,
+    PASSKEY_LEAD,
     chars_document,
     passkey_document,
     recall_document,
@@ -39,7 +41,8 @@ def test_recall_and_repeat_documents_hold_their_answers_earlier():
         text, answers = recall_document(rng, WORDS, FILLERS, 400)
         first_query = min(start for start, _ in answers)
         for start, end in answers:  # each marked answer is a value stated before the queries
-            assert text[start:end].isdigit() and text.index(text[start:end]) < first_query
+            value = text[start:end]  # the digits and the period that ends them
+            assert re.fullmatch(r"\d+\.", value) and text.index(value) < first_query
         statements = dict(re.findall(r"The (\w+) key is (\d+)\. ", text))
         if statements:  # the "key is" template: each query's value was stated before it
             checked += 1
@@ -52,21 +55,24 @@ def test_recall_and_repeat_documents_hold_their_answers_earlier():
 
 
 def test_passkey_document_hides_the_key_and_marks_it_after_the_question():
-    rng, depths = random.Random(2), set()
-    for _ in range(30):
+    rng, distances, lengths = random.Random(2), set(), set()
+    for _ in range(60):
         text, [(start, end)] = passkey_document(rng, FILLERS, 400)
-        key = text[start:end]
+        key, period = text[start : end - 1], text[end - 1]
         needle = NEEDLE.format(key=key)
-        assert key.isdigit() and len(text) == 400
+        assert (
+            key.isdigit() and period == "." and len(text) <= 400 and text.startswith(PASSKEY_LEAD)
+        )
         assert text.endswith(f"{QUESTION} {key}. ") and text.index(needle) < start
         assert text.count(key) == 3  # twice in the needle, once as the answer
-        depths.add(round(text.index(needle) / len(text), 1))
-    assert len(depths) > 3  # the needle moves through the filler
+        distances.add((start - text.index(needle)) // 50)
+        lengths.add(len(text) // 50)
+    assert len(distances) > 4 and len(lengths) > 4  # needles near and far, texts short and long
 
 
 def test_mix_is_an_exact_cycle_and_reproducible():
     def kinds(mix, seed=0):
-        docs = list(synthetic_documents(9, seed, WORDS, FILLERS, 300, mix))
+        docs = list(itertools.islice(synthetic_documents(seed, WORDS, FILLERS, 300, mix), 9))
         return [d.id.split("/")[1] for d in docs], [d.text for d in docs]
 
     assert kinds({"recall": 1, "repeat": 1})[0][:4] == ["recall", "repeat", "recall", "repeat"]
@@ -97,7 +103,7 @@ def test_dataset_marks_exactly_the_answer_tokens(micro_raw, tmp_path):
     }
     build_dataset(validate_config(micro_raw)["data"], tmp_path)
     data = TokenData.load(tmp_path, "train")
-    tokens, marked = data.sample_with_answers(32, 257, seed=0, step=3)
+    tokens, marked, _ = data.sample_batch(32, 257, seed=0, step=3)
     assert torch.equal(tokens, data.sample(32, 257, seed=0, step=3))
     decode = ByteTokenizer().decode
     answers = 0
@@ -105,6 +111,9 @@ def test_dataset_marks_exactly_the_answer_tokens(micro_raw, tmp_path):
         edges = [i for i in range(1, len(row)) if mask[i] != mask[i - 1]]
         for start, end in zip(edges[::2], edges[1::2], strict=False):  # runs inside the window
             value, before = decode(row[start:end]), decode(row[:start])
-            assert value.isdigit() and re.search(r"(is|=|it is) $", before), (before, value)
+            assert re.fullmatch(r"\d+\.", value) and re.search(r"(is|=|it is) $", before), (
+                before,
+                value,
+            )
             answers += 1
     assert answers > 10 and data.n_answer_tokens > 0

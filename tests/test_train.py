@@ -20,7 +20,7 @@ import torch
 from ltstudy.config import validate_config
 from ltstudy.data.dataset import TokenData, build_dataset
 from ltstudy.models.transformer import build_model
-from ltstudy.train import answer_loss, lr_at, run_paths, train
+from ltstudy.train import lr_at, masked_mean, run_paths, train
 from tests.conftest import micro_spec
 
 # Runs training in a child process, slowed per step so the test can interrupt it mid-run.
@@ -34,12 +34,20 @@ CURVE_COLUMNS = ["step", "tokens", "loss", "lr", "grad_norm"]
 
 
 def test_lr_warmup_then_cosine():
-    cfg = {"lr": 1.0, "warmup_steps": 10, "steps": 110, "min_lr_ratio": 0.1}
+    cfg = {"lr": 1.0, "warmup_steps": 10, "steps": 110, "min_lr_ratio": 0.1, "schedule": "cosine"}
     lrs = [lr_at(s, cfg) for s in range(110)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[60] == pytest.approx(0.55, abs=0.01)
     assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
     assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
+
+
+def test_lr_warmup_stable_decay():
+    cfg = {"lr": 1.0, "warmup_steps": 10, "steps": 100, "min_lr_ratio": 0.0}
+    lrs = [lr_at(s, {**cfg, "schedule": "wsd", "decay_fraction": 0.2}) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9:80] == [1.0] * 71  # held through step 80
+    assert lrs[89] == pytest.approx(0.5) and lrs[-1] == pytest.approx(0.0)
+    assert all(a > b for a, b in itertools.pairwise(lrs[79:]))
 
 
 def test_training_learns_and_writes_outputs(tmp_path, micro_data):
@@ -55,6 +63,26 @@ def test_training_learns_and_writes_outputs(tmp_path, micro_data):
     assert not paths["checkpoint"].parent.exists()  # checkpoints removed after success
 
 
+def test_one_document_windows_leave_padding_out_of_the_loss(tmp_path, micro_raw):
+    micro_raw["data"]["synthetic"] = {"fraction": 0.8, "size": 130, "mix": {"passkey": 1}}
+    data_dir = tmp_path / "data"
+    build_dataset(validate_config(micro_raw)["data"], data_dir)
+    spec = micro_spec(tmp_path, data_dir, steps=1, windows="one_document")
+    spec["context"] = 256  # windows twice as long as the documents
+    batch = TokenData.load(data_dir, "train").sample_batch(
+        spec["train"]["batch_size"], spec["context"] + 1, spec["seed"], 0, "one_document"
+    )
+    assert batch.padding.float().mean() > 0.3  # short documents: most of each window is padding
+    with torch.no_grad():  # the initial model, which the first step's loss is measured on
+        losses = build_model(spec["model"], seed=spec["seed"]).token_losses(
+            batch.tokens[:, :-1], batch.tokens[:, 1:]
+        )
+    real = float(masked_mean(losses, ~batch.padding[:, 1:]))
+    assert abs(real - float(losses.mean())) > 1e-3  # far beyond the tolerance below
+    train(spec)
+    assert pl.read_parquet(run_paths(spec)["curve"])["loss"][0] == pytest.approx(real, rel=1e-5)
+
+
 def test_answer_loss_weight_trains_on_marked_answers(tmp_path, micro_raw):
     """With the weight, the marked answers (passkey keys) get the gradient: their loss falls
     faster than under plain next-token loss from the same start."""
@@ -62,7 +90,7 @@ def test_answer_loss_weight_trains_on_marked_answers(tmp_path, micro_raw):
     data_dir = tmp_path / "data"
     build_dataset(validate_config(micro_raw)["data"], data_dir)
     data = TokenData.load(data_dir, "train")
-    tokens, marked = data.sample_with_answers(64, 65, seed=7, step=0)
+    tokens, marked, _ = data.sample_batch(64, 65, seed=7, step=0)
 
     def answer_loss_after(weight: float) -> float:
         spec = micro_spec(tmp_path / str(weight), data_dir, steps=40, lr=1e-2)
@@ -72,7 +100,7 @@ def test_answer_loss_weight_trains_on_marked_answers(tmp_path, micro_raw):
         model.load_state_dict(torch.load(run_paths(spec)["model"])["state_dict"])
         with torch.no_grad():
             losses = model.token_losses(tokens[:, :-1], tokens[:, 1:])
-        return float(answer_loss(losses, marked[:, 1:]))
+        return float(masked_mean(losses, marked[:, 1:]))
 
     weighted, plain = answer_loss_after(20.0), answer_loss_after(0.0)
     assert weighted < plain - 0.5  # measured: 2.4 against 3.4

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -154,17 +153,20 @@ def build_dataset(data_cfg: Mapping[str, Any], out_dir: str | Path) -> dict[str,
             break
     synthetic = data_cfg.get("synthetic") or {}
     if synthetic.get("fraction"):
-        share = synthetic["fraction"] / (1 - synthetic["fraction"])
-        count = math.ceil(share * train_bytes / synthetic["size"])
+        target = synthetic["fraction"] / (1 - synthetic["fraction"]) * train_bytes
+        count, added = 0, 0
         for doc in synthetic_documents(
-            count,
             synthetic["seed"],
             vocabulary(samples)[:2000],
             split_sentences(samples),
             synthetic["size"],
             synthetic["mix"],
         ):
+            if added >= target:  # the fraction holds in bytes, whatever the documents' lengths
+                break
             add(doc, "train")
+            added += len(doc.text.encode("utf-8"))
+            count += 1
         kinds = ", ".join(f"{k} {w}" for k, w in synthetic["mix"].items() if w)
         print(
             f"[data] added {count} synthetic documents ({kinds}) to the training split", flush=True
@@ -214,6 +216,17 @@ def build_dataset(data_cfg: Mapping[str, Any], out_dir: str | Path) -> dict[str,
     return manifest
 
 
+WINDOWS = ("random", "documents", "one_document")
+
+
+class Batch(NamedTuple):
+    """Training windows with two masks of the same shape."""
+
+    tokens: Any  # [batch, length] int64 token ids
+    answers: Any  # bool: marked answer tokens
+    padding: Any  # bool: EOS filling the window after its document (windows="one_document")
+
+
 @dataclass
 class TokenData:
     """Memory-mapped shards of one split, with each shard's marked answer spans and (loaded on
@@ -223,6 +236,7 @@ class TokenData:
     answers: list[np.ndarray]  # per shard: [n, 2] token spans [start, end), in order
     data_dir: Path
     split: str
+    eos_id: int
 
     @classmethod
     def load(cls, data_dir: str | Path, split: str) -> TokenData:
@@ -235,7 +249,7 @@ class TokenData:
             np.load(data_dir / s["answers"]) if "answers" in s else np.zeros((0, 2), np.int64)
             for s in entries
         ]
-        return cls(shards, answers, data_dir, split)
+        return cls(shards, answers, data_dir, split, manifest["eos_id"])
 
     @property
     def n_tokens(self) -> int:
@@ -259,50 +273,66 @@ class TokenData:
             for k in range(len(self.shards))
         ]
 
-    def sample(self, batch_size: int, length: int, seed: int, step: int, aligned: bool = False):
-        """`batch_size` windows of `length` tokens at random offsets (aligned: at random
-        document starts); a pure function of (seed, step)."""
-        return self.sample_with_answers(batch_size, length, seed, step, aligned)[0]
+    def sample(self, batch_size: int, length: int, seed: int, step: int, windows: str = "random"):
+        """The token ids of `sample_batch`."""
+        return self.sample_batch(batch_size, length, seed, step, windows).tokens
 
-    def sample_with_answers(
-        self, batch_size: int, length: int, seed: int, step: int, aligned: bool = False
-    ):
-        """The windows of `sample` and a bool mask of the same shape marking answer tokens."""
+    def sample_batch(
+        self, batch_size: int, length: int, seed: int, step: int, windows: str = "random"
+    ) -> Batch:
+        """`batch_size` windows of `length` tokens, a pure function of (seed, step). Windows
+        start at a random token ("random") or at a random document's first token
+        ("documents"); "one_document" also ends them at that document's EOS and fills the
+        rest with EOS, marked as padding, so a window holds one document and nothing else."""
         import torch
 
+        if windows not in WINDOWS:
+            raise ValueError(f"windows must be one of {WINDOWS}, not {windows!r}")
         rng = np.random.default_rng([seed, step])
-        rows, masks = [], []
-        for shard, start in self._windows(batch_size, length, rng, aligned):
-            rows.append(np.asarray(self.shards[shard][start : start + length], dtype=np.int64))
-            masks.append(self._answer_mask(shard, start, length))
-        return torch.from_numpy(np.stack(rows)), torch.from_numpy(np.stack(masks))
+        rows, answers, padding = [], [], []
+        for shard, start, end in self._windows(batch_size, length, rng, windows):
+            row = np.full(length, self.eos_id, dtype=np.int64)
+            row[: end - start] = self.shards[shard][start:end]
+            rows.append(row)
+            answers.append(self._answer_mask(shard, start, end - start, length))
+            padding.append(np.arange(length) >= end - start)
+        return Batch(*(torch.from_numpy(np.stack(x)) for x in (rows, answers, padding)))
 
     def _windows(
-        self, batch_size: int, length: int, rng: np.random.Generator, aligned: bool
-    ) -> list[tuple[int, int]]:
-        """(shard, start) of each window, uniform over the possible starts."""
-        if aligned:
+        self, batch_size: int, length: int, rng: np.random.Generator, windows: str
+    ) -> list[tuple[int, int, int]]:
+        """(shard, start, end) of each window, uniform over the possible starts."""
+        if windows == "random":
+            starts = None
+            counts = np.array([max(0, len(s) - length) for s in self.shards], dtype=np.float64)
+        else:  # document starts; "documents" needs a full window of tokens after the start
+            room = 0 if windows == "one_document" else length
             starts = [
-                s[s <= len(shard) - length]
+                s[s <= len(shard) - room]
                 for s, shard in zip(self.document_starts, self.shards, strict=True)
             ]
             counts = np.array([len(s) for s in starts], dtype=np.float64)
-        else:
-            counts = np.array([max(0, len(s) - length) for s in self.shards], dtype=np.float64)
         if not counts.sum():
             raise ValueError(f"no shard holds more than {length} tokens; the corpus is too small")
         picks = rng.choice(len(counts), size=batch_size, p=counts / counts.sum())
-        offsets = [int(rng.integers(0, counts[k])) for k in picks]
-        if aligned:
-            return [(int(k), int(starts[k][i])) for k, i in zip(picks, offsets, strict=True)]
-        return [(int(k), i) for k, i in zip(picks, offsets, strict=True)]
+        out = []
+        for k in picks:
+            i = int(rng.integers(0, counts[k]))
+            start = i if starts is None else int(starts[k][i])
+            end = start + length
+            if windows == "one_document":
+                following = self.document_starts[k][self.document_starts[k] > start]
+                end = min(end, int(following[0]) if len(following) else len(self.shards[k]))
+            out.append((int(k), start, end))
+        return out
 
-    def _answer_mask(self, shard: int, start: int, length: int) -> np.ndarray:
+    def _answer_mask(self, shard: int, start: int, n: int, length: int) -> np.ndarray:
+        """Marked answer tokens among the window's first `n` tokens, in a mask of `length`."""
         spans, mask = self.answers[shard], np.zeros(length, dtype=bool)
         first = np.searchsorted(spans[:, 1], start, side="right")  # first span ending inside
-        last = np.searchsorted(spans[:, 0], start + length)  # spans starting before the end
+        last = np.searchsorted(spans[:, 0], start + n)  # spans starting before the end
         for a, b in spans[first:last]:
-            mask[max(a - start, 0) : b - start] = True
+            mask[max(a - start, 0) : min(b - start, n)] = True
         return mask
 
     def head(self, n_tokens: int):

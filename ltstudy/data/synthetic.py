@@ -10,6 +10,7 @@ training can weight them (`train.answer_loss_weight`) as Zoology supervises MQAR
 
 from __future__ import annotations
 
+import itertools
 import random
 import string
 from collections.abc import Iterator, Mapping, Sequence
@@ -40,10 +41,12 @@ def _filler(rng: random.Random, fillers: Sequence[str], budget: int) -> list[str
 
 
 def _with_answer(text: str, template: str, value: str, **fields: str) -> tuple[str, Span]:
-    """`text` followed by `template` filled in, and the character span of its `{v}`."""
-    before = template[: template.index("{v}")].format(**fields)
+    """`text` followed by `template` filled in, and the character span of its `{v}` with the
+    period after it: where a value ends is part of recalling it (a model trained on the
+    digits alone learns to copy them but not to stop)."""
+    before = template[: template.index("{v}.")].format(**fields)
     start = len(text) + len(before)
-    return text + template.format(v=value, **fields), (start, start + len(value))
+    return text + template.format(v=value, **fields), (start, start + len(value) + 1)
 
 
 def recall_document(
@@ -70,21 +73,25 @@ def recall_document(
     return text, answers
 
 
+PASSKEY_LEAD = "Remember the pass key. "
+
+
 def passkey_document(
     rng: random.Random, fillers: Sequence[str], size: int
 ) -> tuple[str, list[Span]]:
-    """`size` characters, like a passkey prompt: filler sentences (cut to length) with the
-    passkey evaluation's needle at a random depth, then its question and the key. The key is
-    random and the filler is training text, so the evaluation still measures recall. With
-    `size` just under the context and `train.align_to_documents`, a training window holds one
-    whole document and no other key."""
+    """A passkey prompt of random length up to `size` characters: a short lead-in, filler
+    sentences with the passkey evaluation's needle at a random depth, then its question and
+    the key. The key is random and the filler is training text, so the evaluation still
+    measures recall. Lengths are uniform, so many needles sit close to their question: the
+    short distances a small model learns to copy over first."""
     key = str(rng.randint(1, 99999))
     needle = NEEDLE.format(key=key)
     answer = QUESTION + " {v}. "
-    budget = max(0, size - len(needle) - len(answer.format(v=key)))
+    fixed = len(PASSKEY_LEAD) + len(needle) + len(answer.format(v=key))
+    budget = rng.randint(0, max(0, size - fixed))
     filler = "".join(_filler(rng, fillers, budget))[:budget]
     cut = rng.randint(0, budget)
-    text = filler[:cut] + needle + filler[cut:]
+    text = PASSKEY_LEAD + filler[:cut] + needle + filler[cut:]
     text, span = _with_answer(text, answer, key)
     return text, [span]
 
@@ -114,14 +121,13 @@ def chars_document(rng: random.Random, size: int) -> str:
 
 
 def synthetic_documents(
-    count: int,
     seed: int,
     words: Sequence[str],
     fillers: Sequence[str],
     size: int,
     mix: Mapping[str, int],
 ) -> Iterator[Document]:
-    """`count` documents whose kinds follow a fixed cycle by their integer weights in `mix`
+    """Endless documents whose kinds follow a fixed cycle by their integer weights in `mix`
     ({"recall": 1, "repeat": 1} alternates the two), so the mix is exact at any count."""
     rng = random.Random(f"recall/{seed}")
     makers = {  # the cycle takes the kinds in this order; each gives (text, answer spans)
@@ -133,7 +139,7 @@ def synthetic_documents(
     cycle = [kind for kind in makers for _ in range(mix.get(kind, 0))]
     if not cycle:
         raise ValueError(f"synthetic mix {dict(mix)} gives every kind weight 0")
-    for i in range(count):
+    for i in itertools.count():
         kind = cycle[i % len(cycle)]
         text, answers = makers[kind]()
         yield Document(f"synthetic/{kind}/{i}", text, tuple(answers))
