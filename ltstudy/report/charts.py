@@ -214,12 +214,13 @@ def passkey_heatmaps(passkey: pl.DataFrame) -> alt.Chart | None:
 
 
 def passkey_by_distance(passkey: pl.DataFrame) -> alt.Chart | None:
-    """Accuracy against how far back the needle lies (power-of-two buckets), one line per run:
+    """Accuracy against how far back the needle lies (power-of-two buckets), one line per run,
+    over prompts within the run's training context (so length extrapolation does not blur it):
     where a sliding window stops reaching the needle, its accuracy falls to chance."""
     if not passkey.height:
         return None
     buckets = (
-        passkey.filter(pl.col("rope") == "none")
+        passkey.filter((pl.col("rope") == "none") & (pl.col("length") <= pl.col("context")))
         .with_columns(
             (2 ** pl.col("needle_distance").clip(1).log(2).floor()).cast(pl.Int64).alias("from")
         )

@@ -129,9 +129,9 @@ def build_report(results_dir: str | Path, reports_dir: str | Path) -> Path:
         ),
         (
             "Passkey accuracy by needle distance",
-            "Accuracy against how many tokens back the needle lies (bucketed by powers of two, "
-            "runs' own positions). A sliding window falls to chance once the needle is out of "
-            "its reach.",
+            "Accuracy against how many tokens back the needle lies (bucketed by powers of two; "
+            "prompts within each run's training context, its own positions). A sliding window "
+            "falls to chance once the needle is out of its reach.",
             None,
             charts.passkey_by_distance(t["passkey"]),
         ),
