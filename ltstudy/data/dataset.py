@@ -313,16 +313,21 @@ class TokenData:
             ]
             counts = np.array([len(s) for s in starts], dtype=np.float64)
         if not counts.sum():
-            raise ValueError(f"no shard holds more than {length} tokens; the corpus is too small")
+            raise ValueError(
+                f"no shard has room for a {length}-token window ({windows} windows); "
+                "the corpus is too small"
+            )
         picks = rng.choice(len(counts), size=batch_size, p=counts / counts.sum())
         out = []
         for k in picks:
             i = int(rng.integers(0, counts[k]))
             start = i if starts is None else int(starts[k][i])
             end = start + length
-            if windows == "one_document":
-                following = self.document_starts[k][self.document_starts[k] > start]
-                end = min(end, int(following[0]) if len(following) else len(self.shards[k]))
+            if windows == "one_document":  # end at the next document's start
+                doc_starts = self.document_starts[k]
+                i_next = np.searchsorted(doc_starts, start, side="right")
+                doc_end = doc_starts[i_next] if i_next < len(doc_starts) else len(self.shards[k])
+                end = min(end, int(doc_end))
             out.append((int(k), start, end))
         return out
 
