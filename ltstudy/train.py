@@ -22,7 +22,7 @@ import torch
 
 from ltstudy.data.dataset import TokenData
 from ltstudy.device import autocast, configure_threads, pick_device
-from ltstudy.io import atomic_path, read_json
+from ltstudy.io import atomic_path
 from ltstudy.models.transformer import build_model
 from ltstudy.results.schemas import identity, write_table
 
@@ -197,7 +197,6 @@ def train(spec: Mapping[str, Any], on_step: Callable[[int], None] | None = None)
             )
 
     steps, batch, micro = cfg["steps"], cfg["batch_size"], cfg["micro_batch_size"]
-    eos_id = read_json(Path(spec["data_dir"]) / "manifest.json")["eos_id"]
     reset_at_documents = bool((spec["model"].get("ttt") or {}).get("reset_at_documents"))
     seq_tokens = batch * spec["context"]
     print(
@@ -220,7 +219,7 @@ def train(spec: Mapping[str, Any], on_step: Callable[[int], None] | None = None)
             for part, marked, pad in zip(
                 *(x.to(device).split(micro) for x in (tokens, answers, padding)), strict=True
             ):
-                starts = document_starts(part[:, :-1], eos_id) if reset_at_documents else None
+                starts = document_starts(part[:, :-1], data.eos_id) if reset_at_documents else None
                 with autocast(device, cfg["dtype"]):
                     losses = model.token_losses(part[:, :-1], part[:, 1:], doc_starts=starts)
                 loss = objective = masked_mean(losses, ~pad[:, 1:])

@@ -307,8 +307,8 @@ class TokenData:
             counts = np.array([max(0, len(s) - length) for s in self.shards], dtype=np.float64)
         else:  # document starts; "documents" needs a full window of tokens after the start
             room = 0 if windows == "one_document" else length
-            starts = [
-                s[s <= len(shard) - room]
+            starts = [  # a view of the sorted starts, not a per-step copy
+                s[: np.searchsorted(s, len(shard) - room, side="right")]
                 for s, shard in zip(self.document_starts, self.shards, strict=True)
             ]
             counts = np.array([len(s) for s in starts], dtype=np.float64)
