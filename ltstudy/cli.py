@@ -11,6 +11,11 @@ collect [CONFIG]          gather the per-run results that exist (failed runs inc
 report [--results R] [--reports P]   rebuild the HTML report from results tables
 throughput [--variants ...] [--sizes ...] [--contexts ...]   benchmark on random weights:
                           print a table, write results/benchmarks/throughput-<device>.{parquet,md}
+plan [CONFIG]             every training run's layout (nodes x GPUs, data x context degree,
+                          checkpointing, micro-batch), peak memory per GPU and GPU-hours
+memory [--variants ...] [--sizes ...] [--contexts ...]   measured peak memory of a training
+                          step and a prefill, each in a fresh process, beside the planner's
+                          estimate: results/benchmarks/memory-<device>.{parquet,md}
 """
 
 from __future__ import annotations
@@ -167,6 +172,48 @@ def cmd_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from ltstudy.plan import plan_run
+    from ltstudy.plan.report import plan_table
+
+    _, runs = load_study(args.config, check_fit=False)
+    plans = [
+        plan_run(spec, mfu=args.mfu, peak_tflops=args.peak_tflops)
+        for spec in runs.values()
+        if "train" in spec["stages"]
+    ]
+    print(plan_table(plans, args.mfu, args.peak_tflops, summary=args.summary))
+    return 0
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    import torch
+
+    from ltstudy.plan.benchmark import HEADER, run_points, write_table
+
+    points = [
+        {
+            "variant": variant,
+            "size": size,
+            "context": context,
+            "mode": mode,
+            "activation_checkpointing": args.checkpointing if mode == "train" else "none",
+        }
+        for size in args.sizes
+        for variant in args.variants
+        for mode in args.modes
+        for context in args.contexts
+    ]
+    print(HEADER, flush=True)
+    rows = run_points(points)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")
+    out = Path(args.out) / f"memory-{slug}"
+    write_table(rows, out, f"peak memory on {device}: measured and planned")
+    print(f"wrote {out.with_suffix('.parquet')} and {out.with_suffix('.md')}")
+    return 0
+
+
 def cmd_stage(args: argparse.Namespace) -> int:
     from ltstudy.jobs import run_stage
     from ltstudy.results.schemas import stage_outputs
@@ -242,6 +289,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     p.add_argument("--out", default="results/benchmarks")
     p.set_defaults(fn=cmd_throughput)
+    p = sub.add_parser("plan", help="layout, memory per GPU and GPU-hours of every run")
+    p.add_argument("config", nargs="?", default=DEFAULT_CONFIG)
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="GPU peak (bf16 dense)")
+    p.add_argument("--summary", action="store_true", help="one line per group of like runs")
+    p.set_defaults(fn=cmd_plan)
+    p = sub.add_parser("memory", help="measured peak memory beside the planner's estimate")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--sizes", nargs="+", default=["demo"])
+    p.add_argument("--contexts", nargs="+", type=int, default=[1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--modes", nargs="+", default=["train", "prefill"], choices=["train", "prefill"])
+    p.add_argument("--checkpointing", default="none", choices=["none", "full", "selective"])
+    p.add_argument("--out", default="results/benchmarks")
+    p.set_defaults(fn=cmd_memory)
     p = sub.add_parser("stage")
     p.add_argument("stage", choices=["train", "perplexity", "passkey", "ruler", "throughput"])
     p.add_argument("run")

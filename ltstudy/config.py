@@ -46,8 +46,9 @@ def load_config(path: str | Path) -> dict:
     return load_study(path)[0]
 
 
-def load_study(path: str | Path) -> tuple[dict, dict[str, dict]]:
-    """Read a YAML config file: (validated config, its runs by id)."""
+def load_study(path: str | Path, check_fit: bool = True) -> tuple[dict, dict[str, dict]]:
+    """Read a YAML config file: (validated config, its runs by id). `check_fit=False` keeps
+    runs the planner finds too big (to show them, as `ltstudy plan` does)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -55,7 +56,7 @@ def load_study(path: str | Path) -> tuple[dict, dict[str, dict]]:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return validate_study(raw, source=str(path))
+    return validate_study(raw, source=str(path), check_fit=check_fit)
 
 
 def _field(path: Iterable[Any]) -> str:
@@ -105,7 +106,9 @@ def validate_config(raw: Mapping, source: str = "config") -> dict:
     return validate_study(raw, source)[0]
 
 
-def validate_study(raw: Mapping, source: str = "config") -> tuple[dict, dict[str, dict]]:
+def validate_study(
+    raw: Mapping, source: str = "config", check_fit: bool = True
+) -> tuple[dict, dict[str, dict]]:
     """validate_config, also returning the runs (expanding them is part of the check, so
     callers that need both should not expand twice)."""
     schema = load_schema()
@@ -119,7 +122,26 @@ def validate_study(raw: Mapping, source: str = "config") -> tuple[dict, dict[str
     filler.evolve(schema={"type": "object", "properties": top}).validate(config)
 
     _check_data(config["data"], "data", source)
-    return config, expand_runs(config, source=source)  # validates every run's merged settings
+    runs = expand_runs(config, source=source)  # validates every run's merged settings
+    if check_fit:
+        _check_fit(runs, source)
+    return config, runs
+
+
+def _check_fit(runs: Mapping[str, Mapping], source: str) -> None:
+    """Every run that the planner cannot fit on its GPUs under any layout, named at once."""
+    bad = [s for s in runs.values() if (s.get("plan") or {}).get("status") == "does not fit"]
+    if not bad:
+        return
+    lines = [f"  {s['run_id']}: {s['plan']['detail']}" for s in bad[:10]]
+    more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+    raise ConfigError(
+        f"{source}: {len(bad)} run(s) do not fit their GPUs under any layout "
+        "(`ltstudy plan` shows every run):\n" + "\n".join(lines) + more + "\n"
+        "give them more GPUs or nodes (resources.train), a smaller train.micro_batch_size or "
+        "activation checkpointing, or a larger resources.train.gpu_memory_gb if the GPUs "
+        "have more memory"
+    )
 
 
 def _check_data(data: Mapping, field: str, source: str) -> None:
@@ -286,6 +308,28 @@ def _link_init_from(runs: dict[str, dict], source: str) -> None:
         )
 
 
+def _tasks_per_node(resources: Mapping, group: str, source: str) -> int:
+    """One process per GPU for training (GPUs requested = GPUs used); evaluation and data
+    preparation run in one process."""
+    gpu, tasks = resources["gpu"], resources["tasks_per_node"]
+    field = f"{source}: config field `resources.{group}"
+    if group != "train":
+        if gpu > 1 or resources["nodes"] > 1 or (tasks or 1) > 1:
+            raise ConfigError(
+                f"{field}`: the {group} stage runs in one process on at most one GPU; set "
+                "gpu: 0 or 1, nodes: 1 and tasks_per_node: 1"
+            )
+        return 1
+    if tasks is None:
+        return max(gpu, 1)
+    if gpu and tasks != gpu:
+        raise ConfigError(
+            f"{field}.tasks_per_node`: {tasks} processes but gpu: {gpu}; training runs one "
+            "process per GPU, so leave tasks_per_node out or set it to gpu"
+        )
+    return tasks
+
+
 def _check_choice(value: str, known: Mapping, field: str, what: str, source: str) -> None:
     if value not in known:
         raise ConfigError(
@@ -327,15 +371,26 @@ def resolve_run(config: Mapping, study: Mapping, name: str, settings: dict, sour
     if train["steps"] is None:
         train["steps"] = math.ceil(train["tokens"] / tokens_per_step)
     train["tokens"] = train["steps"] * tokens_per_step
-    micro = train["micro_batch_size"] or train["batch_size"]
-    if train["batch_size"] % micro:
-        raise ConfigError(
-            f"{source}: config field `train.micro_batch_size`: {micro} does not divide "
-            f"batch_size {train['batch_size']}"
-        )
-    train["micro_batch_size"] = micro
     if train["warmup_steps"] > train["steps"]:
         train["warmup_steps"] = train["steps"]
+    resources = {group: dict(r) for group, r in settings["resources"].items()}
+    for group, r in resources.items():
+        r["tasks_per_node"] = _tasks_per_node(r, group, source)
+    # How the run is spread over ranks does not change what it computes (beyond rounding),
+    # so the layout stays out of the config hash: a checkpoint resumes under another layout.
+    layout = {
+        "nodes": resources["train"]["nodes"],
+        "tasks_per_node": resources["train"]["tasks_per_node"],
+        "micro_batch_size": train.pop("micro_batch_size"),
+        "activation_checkpointing": train.pop("activation_checkpointing"),
+        **settings["parallel"],
+    }
+    micro = layout["micro_batch_size"]
+    if micro not in (None, "auto") and micro > train["batch_size"]:
+        raise ConfigError(
+            f"{source}: config field `train.micro_batch_size`: {micro} is more than batch_size "
+            f"{train['batch_size']}"
+        )
 
     evaluate = copy.deepcopy(settings["evaluate"])
     if evaluate["throughput"]["contexts"] is None:
@@ -381,16 +436,43 @@ def resolve_run(config: Mapping, study: Mapping, name: str, settings: dict, sour
         "train": train,
         "data": data,
     }
-    return {
+    spec = {
         "run_id": run_id,
         "study": study["name"],
         "name": name,
         **identity,
         "evaluate": evaluate,
         "stages": stages,
-        "resources": settings["resources"],
+        "resources": resources,
+        "layout": layout,
         "launcher": config.get("launcher", "local"),
         "config_hash": config_hash(identity),
         "run_dir": str(Path(results_dir) / "runs" / study["name"] / name),
         "data_dir": str(Path(results_dir) / "data" / config_hash(data)[:10]),
+    }
+    if "train" in stages:
+        _plan_layout(spec, source)
+    return spec
+
+
+def _plan_layout(spec: dict, source: str) -> None:
+    """Fill the layout's `auto` choices from the planner (`_check_fit` rejects runs that fit
+    under no layout)."""
+    from ltstudy.plan import GB, PlanError, plan_run
+
+    try:
+        plan = plan_run(spec)
+    except PlanError as err:
+        raise ConfigError(f"{source}: config field `{err.field}`: {err}") from None
+    spec["layout"].update(
+        micro_batch_size=plan.micro_batch_size,
+        activation_checkpointing=plan.activation_checkpointing,
+        context=plan.context_parallel,
+    )
+    spec["plan"] = {
+        "status": plan.status,
+        "detail": f"at best {plan.describe()}",
+        "memory_gb": round(plan.estimate.total / GB, 2),
+        "capacity_gb": round(plan.capacity / GB, 2),
+        "gpu_hours": round(plan.gpu_hours, 1),
     }

@@ -203,7 +203,7 @@ def launch(
         print(f"[ltstudy] {label} {stage}: {launcher} job {job.job_id}, log {log}", flush=True)
         try:
             with _terminate_as_interrupt():
-                result = job.result()
+                result = job.results()[0]  # rank 0's; every task must succeed
         except KeyboardInterrupt:
             if launcher == "local":
                 job.cancel(check=False)
@@ -221,7 +221,12 @@ def launch(
         record(status="failed", reason=f"missing outputs {missing}", finished=time.time())
         raise LaunchError(f"{label}: stage {stage} finished without writing {missing}; see {log}")
     gpus_used = params["gpus_per_node"] * int(resources.get("nodes", 1))
+    ranks = params["tasks_per_node"] * int(resources.get("nodes", 1))
     record(
-        status="done", finished=time.time(), wall_s=time.time() - status["started"], gpus=gpus_used
+        status="done",
+        finished=time.time(),
+        wall_s=time.time() - status["started"],
+        gpus=gpus_used,
+        world_size=result.get("world_size", ranks) if isinstance(result, dict) else ranks,
     )
     return result

@@ -1,29 +1,45 @@
-"""Training: AdamW, linear warmup + cosine decay, gradient clipping, checkpoint and resume.
+"""Training: AdamW, warmup + cosine (or WSD) schedule, clipping, checkpoint and resume, on one
+process or data-parallel over many (FSDP2), launched one process per GPU.
 
-A run is a pure function of its spec: batches are drawn from (seed, step), parameters are
-initialised from (seed, name), so a run interrupted at any checkpoint and resumed produces the
-same loss curve as an uninterrupted one. Checkpoints are written every `checkpoint_every` steps
-and when the process receives SIGTERM or SIGUSR2 (Slurm's warning before a time limit or a
-preemption); they are removed once the final model is written.
+A run is a pure function of its spec: batches are drawn from (seed, step) and each rank reads
+its share of the global batch, parameters are initialised from (seed, name), so a run
+interrupted at any checkpoint and resumed, on the same or another number of ranks, produces the
+same loss curve as an uninterrupted one. Sharded checkpoints are written every
+`checkpoint_every` steps and when the processes receive SIGTERM or SIGUSR2 (Slurm's warning
+before a time limit or a preemption); they are removed once the consolidated model is written.
+Rank 0 alone prints and writes results.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ltstudy.data.dataset import TokenData
-from ltstudy.device import autocast, configure_threads, pick_device
-from ltstudy.io import atomic_path
-from ltstudy.models.transformer import build_model
+from ltstudy.checkpoint import (
+    export_model,
+    latest_checkpoint,
+    load_checkpoint,
+    read_metadata,
+    safetensors_source,
+    save_checkpoint,
+)
+from ltstudy.data.dataset import Batch, TokenData
+from ltstudy.device import autocast, configure_threads
+from ltstudy.models.config import ModelConfig
+from ltstudy.models.transformer import build_model, seeded_values
+from ltstudy.parallel import Layout, World, parallelize
+from ltstudy.parallel.distributed import close_world, init_world
+from ltstudy.parallel.materialize import materialize
 from ltstudy.results.schemas import identity, write_table
 
 
@@ -98,38 +114,26 @@ def _format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def _optimizer(model: torch.nn.Module, train: Mapping[str, Any], device: torch.device):
+def make_optimizer(model: torch.nn.Module, train: Mapping[str, Any]) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [
         {"params": decay, "weight_decay": train["weight_decay"]},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    # foreach (not fused): it works on FSDP2's sharded DTensor parameters on every device
     return torch.optim.AdamW(
-        groups,
-        lr=train["lr"],
-        betas=(train["beta1"], train["beta2"]),
-        fused=device.type == "cuda",
+        groups, lr=train["lr"], betas=(train["beta1"], train["beta2"]), foreach=True
     )
 
 
 def run_paths(spec: Mapping[str, Any]) -> dict[str, Path]:
     run_dir = Path(spec["run_dir"])
     return {
-        "model": run_dir / "model.pt",
+        "model": run_dir / "model.safetensors",
         "curve": run_dir / "train_curve.parquet",
-        "checkpoint": run_dir / "checkpoints" / "last.pt",
+        "checkpoints": run_dir / "checkpoints",
     }
-
-
-def load_checkpoint(path: Path, config_hash: str) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("config_hash") != config_hash:
-        print(f"[train] ignoring {path}: written by a different configuration", flush=True)
-        return None
-    return state
 
 
 def masked_mean(losses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -138,21 +142,156 @@ def masked_mean(losses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (losses * mask).sum() / mask.sum().clamp(min=1)
 
 
+@dataclass(frozen=True)
+class Share:
+    """This rank's part of every step: which rows of the global batch, in micro-batches of
+    what size, and the weight of each row in the objective."""
+
+    rows: slice
+    micro: int
+    weight: float  # 1 / batch, times the world size that FSDP2's gradient averaging divides by
+
+
+def job_layout(spec: Mapping[str, Any], world: World) -> tuple[Layout, Share]:
+    """The planned layout, fitted to the world this job actually has (one process when a stage
+    is debugged in place, say), and this rank's share of each batch."""
+    batch = spec["train"]["batch_size"]
+    if batch % world.size:
+        raise ValueError(
+            f"{spec['run_id']}: config field `train.batch_size`: {batch} sequences do not split "
+            f"evenly over {world.size} ranks"
+        )
+    rows = batch // world.size
+    planned = spec["layout"]
+    micro = min(planned["micro_batch_size"], rows)
+    while rows % micro:
+        micro -= 1
+    bf16 = world.device.type == "cuda" and spec["train"]["dtype"] == "bf16"
+    layout = Layout(
+        activation_checkpointing=planned["activation_checkpointing"],
+        hybrid_shard=planned["hybrid_shard"],
+        param_dtype="bf16" if bf16 else "fp32",
+    )
+    share = Share(slice(world.rank * rows, (world.rank + 1) * rows), micro, world.size / batch)
+    return layout, share
+
+
+def build_training_model(spec: Mapping[str, Any], layout: Layout, world: World) -> torch.nn.Module:
+    """The run's model, parallelised for this job, with its initial weights: seeded, from
+    another run's final model (`init_from`) or from a Hugging Face checkpoint."""
+    cfg = ModelConfig.from_dict(spec["model"])
+    model = parallelize(build_model(cfg, seed=None, device="meta"), layout, world)
+    seeded = seeded_values(cfg, spec["seed"])
+    if spec.get("init_from_dir"):
+        source = Path(spec["init_from_dir"]) / "model.safetensors"
+        materialize(model, world.device, strict(safetensors_source(source), source))
+    elif spec["model"].get("pretrained"):
+        from ltstudy.models.pretrained import load_weights
+
+        load_weights(model, spec["model"]["pretrained"], device=world.device, fallback=seeded)
+    else:
+        materialize(model, world.device, seeded)
+    return model
+
+
+def strict(source, path):
+    """A source that names the file when it lacks a parameter."""
+
+    def value(name: str, param: torch.Tensor) -> torch.Tensor:
+        found = source(name, param)
+        if found is None:
+            raise ValueError(f"{path} has no parameter {name!r}")
+        return found
+
+    return value
+
+
+def forward_backward(
+    model: torch.nn.Module, batch: Batch, share: Share, spec: Mapping[str, Any], eos_id: int
+) -> float:
+    """Accumulate the gradients of this rank's rows in micro-batches; return the sum over rows
+    of each micro-batch's mean loss."""
+    cfg = spec["train"]
+    device = next(model.parameters()).device
+    answer_weight = cfg["answer_loss_weight"]
+    reset_at_documents = bool((spec["model"].get("ttt") or {}).get("reset_at_documents"))
+    loss_sum = 0.0
+    for part, marked, pad in zip(*(x.to(device).split(share.micro) for x in batch), strict=True):
+        starts = document_starts(part[:, :-1], eos_id) if reset_at_documents else None
+        with autocast(device, cfg["dtype"]):
+            losses = model.token_losses(part[:, :-1], part[:, 1:], doc_starts=starts)
+        loss = objective = masked_mean(losses, ~pad[:, 1:])
+        if answer_weight:
+            answer_mean = masked_mean(losses, marked[:, 1:])
+            objective = (loss + answer_weight * answer_mean) / (1 + answer_weight)
+        (objective * (part.shape[0] * share.weight)).backward()
+        loss_sum += loss.item() * part.shape[0]
+    return loss_sum
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: TokenData,
+    spec: Mapping[str, Any],
+    step: int,
+    share: Share,
+    world: World,
+    before_update: Callable[[torch.nn.Module], None] | None = None,
+) -> tuple[float, float]:
+    """One optimizer step (0-based `step`) on every rank: (mean loss over the global batch,
+    gradient norm before clipping). `before_update` sees the accumulated gradients."""
+    cfg = spec["train"]
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    batch = data.sample_batch(
+        cfg["batch_size"], spec["context"] + 1, spec["seed"], step, cfg["windows"], share.rows
+    )
+    loss = world.sum(forward_backward(model, batch, share, spec, data.eos_id)) / cfg["batch_size"]
+    if before_update is not None:
+        before_update(model)
+    grad_norm = clip_gradients(model, cfg["grad_clip"])
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm (over all shards); return it before clipping."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, norm)
+    return float(norm)
+
+
 def train(spec: Mapping[str, Any], on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Train one run to completion (resuming if a checkpoint exists); return a summary."""
+    """Train one run to completion (resuming if a checkpoint exists); return a summary. Joins
+    the job's process group if it has one."""
+    world = init_world()
+    try:
+        return _train(spec, world, on_step)
+    finally:
+        close_world(world)
+
+
+def _train(
+    spec: Mapping[str, Any], world: World, on_step: Callable[[int], None] | None
+) -> dict[str, Any]:
     paths = run_paths(spec)
     cfg = spec["train"]
     tag = spec["run_id"]
-    device = pick_device()
+    device = world.device
     configure_threads(spec["resources"]["train"]["cpus_per_task"])
     torch.manual_seed(spec["seed"])
 
-    if device.type == "cuda" and torch.cuda.device_count() > 1:
-        print(
-            f"[train {tag}] warning: {torch.cuda.device_count()} GPUs visible but training uses "
-            "one (multi-GPU data parallelism is not implemented yet)",
-            flush=True,
-        )
+    def log(message: str) -> None:
+        if world.is_main:
+            print(f"[train {tag}] {message}", flush=True)
+
     data = TokenData.load(spec["data_dir"], "train")
     answer_weight = cfg["answer_loss_weight"]
     if answer_weight and not data.n_answer_tokens:
@@ -161,76 +300,46 @@ def train(spec: Mapping[str, Any], on_step: Callable[[int], None] | None = None)
             "answer tokens; add recall or passkey documents to data.synthetic.mix (a data "
             "folder built before answers were marked must be deleted and rebuilt)"
         )
-    model = build_model(spec["model"], seed=spec["seed"], device=device)
-    if spec.get("init_from_dir"):
-        source = Path(spec["init_from_dir"]) / "model.pt"
-        model.load_state_dict(
-            torch.load(source, map_location=device, weights_only=False)["state_dict"]
-        )
-        print(f"[train {tag}] weights from {source}", flush=True)
-    elif spec["model"].get("pretrained"):
-        from ltstudy.models.pretrained import load_weights
-
-        load_weights(model, spec["model"]["pretrained"])
-        print(f"[train {tag}] weights from {spec['model']['pretrained']}", flush=True)
-    optimizer = _optimizer(model, cfg, device)
+    layout, share = job_layout(spec, world)
+    model = build_training_model(spec, layout, world)
+    optimizer = make_optimizer(model, cfg)
     start_step, curve, elapsed = 0, [], 0.0
-    state = load_checkpoint(paths["checkpoint"], spec["config_hash"])
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+    found = latest_checkpoint(paths["checkpoints"], spec["config_hash"])
+    if found is not None:
+        load_checkpoint(found[0], model, optimizer, world)
+        state = found[1]
         start_step, curve, elapsed = state["step"], state["curve"], state["elapsed_s"]
-        print(f"[train {tag}] resuming from step {start_step} ({paths['checkpoint']})", flush=True)
+        log(
+            f"resuming from step {start_step} ({found[0]}, written by {state['world_size']} "
+            f"rank(s), now {world.size})"
+        )
 
-    def save_checkpoint(step: int) -> None:
-        with atomic_path(paths["checkpoint"]) as tmp:
-            torch.save(
-                {
-                    "step": step,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "curve": curve,
-                    "elapsed_s": elapsed,
-                    "config_hash": spec["config_hash"],
-                },
-                tmp,
-            )
+    def checkpoint(step: int) -> None:
+        save_checkpoint(
+            paths["checkpoints"],
+            step,
+            model,
+            optimizer,
+            {"curve": curve, "elapsed_s": elapsed, "config_hash": spec["config_hash"]},
+            world,
+        )
 
-    steps, batch, micro = cfg["steps"], cfg["batch_size"], cfg["micro_batch_size"]
-    reset_at_documents = bool((spec["model"].get("ttt") or {}).get("reset_at_documents"))
+    steps, batch = cfg["steps"], cfg["batch_size"]
     seq_tokens = batch * spec["context"]
-    print(
-        f"[train {tag}] {spec['variant']} {spec['size']} on {device}: {steps} steps x "
-        f"{seq_tokens:,} tokens, {sum(p.numel() for p in model.parameters()):,} parameters",
-        flush=True,
+    params = sum(p.numel() for p in model.parameters())
+    log(
+        f"{spec['variant']} {spec['size']} on {world.size} x {device.type}: {steps} steps x "
+        f"{seq_tokens:,} tokens, {params:,} parameters; {batch // world.size} sequences per "
+        f"rank in micro-batches of {share.micro}, activation checkpointing "
+        f"{layout.activation_checkpointing}"
     )
     model.train()
     segment_start, segment_steps = time.perf_counter(), 0
     with StopSignals() as stop:
         for step in range(start_step, steps):
             t0 = time.perf_counter()
+            loss, grad_norm = train_step(model, optimizer, data, spec, step, share, world)
             lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            tokens, answers, padding = data.sample_batch(
-                batch, spec["context"] + 1, spec["seed"], step, cfg["windows"]
-            )
-            loss_sum = 0.0
-            for part, marked, pad in zip(
-                *(x.to(device).split(micro) for x in (tokens, answers, padding)), strict=True
-            ):
-                starts = document_starts(part[:, :-1], data.eos_id) if reset_at_documents else None
-                with autocast(device, cfg["dtype"]):
-                    losses = model.token_losses(part[:, :-1], part[:, 1:], doc_starts=starts)
-                loss = objective = masked_mean(losses, ~pad[:, 1:])
-                if answer_weight:
-                    answer_mean = masked_mean(losses, marked[:, 1:])
-                    objective = (loss + answer_weight * answer_mean) / (1 + answer_weight)
-                (objective * part.shape[0] / batch).backward()
-                loss_sum += loss.item() * part.shape[0]
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
             elapsed += dt
             segment_steps += 1
@@ -239,9 +348,9 @@ def train(spec: Mapping[str, Any], on_step: Callable[[int], None] | None = None)
                     **identity(spec),
                     "step": step + 1,
                     "tokens": (step + 1) * seq_tokens,
-                    "loss": loss_sum / batch,
+                    "loss": loss,
                     "lr": lr,
-                    "grad_norm": float(grad_norm),
+                    "grad_norm": grad_norm,
                     "tokens_per_s": seq_tokens / dt,
                     "elapsed_s": elapsed,
                 }
@@ -249,50 +358,57 @@ def train(spec: Mapping[str, Any], on_step: Callable[[int], None] | None = None)
             done = step + 1
             if done % cfg["log_every"] == 0 or done == steps or done == start_step + 1:
                 rate = (time.perf_counter() - segment_start) / segment_steps
-                eta = _format_duration(rate * (steps - done))
-                print(
-                    f"[train {tag}] step {done}/{steps} loss {curve[-1]['loss']:.4f} lr {lr:.2e} "
-                    f"grad {float(grad_norm):.2f} {seq_tokens / dt:,.0f} tok/s "
-                    f"elapsed {_format_duration(elapsed)} eta {eta}",
-                    flush=True,
+                log(
+                    f"step {done}/{steps} loss {loss:.4f} lr {lr:.2e} grad {grad_norm:.2f} "
+                    f"{seq_tokens / dt:,.0f} tok/s elapsed {_format_duration(elapsed)} "
+                    f"eta {_format_duration(rate * (steps - done))}"
                 )
-            if stop.received is not None:
-                save_checkpoint(done)
-                print(f"[train {tag}] checkpoint saved at step {done}", flush=True)
+            stopping = world.sum(float(stop.received is not None)) > 0
+            if stopping:
+                checkpoint(done)
+                log(f"checkpoint saved at step {done}")
                 stop.forward()
-                name = signal.Signals(stop.received).name
+                name = signal.Signals(stop.received).name if stop.received else "a peer's signal"
                 raise TrainingInterrupted(
                     f"{tag}: stopped by {name} at step {done}/{steps}; "
-                    f"checkpoint {paths['checkpoint']} is saved, rerun to resume"
+                    f"checkpoint {paths['checkpoints']} is saved, rerun to resume"
                 )
             if done % cfg["checkpoint_every"] == 0 and done < steps:
-                save_checkpoint(done)
+                checkpoint(done)
             if on_step is not None:
                 on_step(done)
 
-    with atomic_path(paths["model"]) as tmp:
-        torch.save(
-            {
-                "model_config": spec["model"],
-                "state_dict": model.state_dict(),
-                "config_hash": spec["config_hash"],
-                "step": steps,
-            },
-            tmp,
-        )
-    write_table("train_curves", curve, paths["curve"])
-    shutil.rmtree(paths["checkpoint"].parent, ignore_errors=True)
+    metadata = {
+        "format": "ltstudy",
+        "model_config": json.dumps(spec["model"], sort_keys=True),
+        "config_hash": spec["config_hash"],
+        "step": steps,
+        "world_size": world.size,
+    }
+    export_model(model, paths["model"], metadata, world)
+    world.barrier()
     final = curve[-1]["loss"] if curve else float("nan")
-    print(f"[train {tag}] done: final loss {final:.4f} in {_format_duration(elapsed)}", flush=True)
-    return {"steps": steps, "tokens": steps * seq_tokens, "final_loss": final, "train_s": elapsed}
+    if world.is_main:
+        write_table("train_curves", curve, paths["curve"])
+        shutil.rmtree(paths["checkpoints"], ignore_errors=True)
+    log(f"done: final loss {final:.4f} in {_format_duration(elapsed)}")
+    return {
+        "steps": steps,
+        "tokens": steps * seq_tokens,
+        "final_loss": final,
+        "train_s": elapsed,
+        "world_size": world.size,
+    }
 
 
 def load_trained(spec: Mapping[str, Any], device: torch.device) -> torch.nn.Module:
-    """The final trained model of a run, in eval mode."""
+    """The final trained model of a run, in eval mode (no process group needed)."""
     path = run_paths(spec)["model"]
-    state = torch.load(path, map_location=device, weights_only=False)
-    if state["config_hash"] != spec["config_hash"]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: train the run first")
+    metadata = read_metadata(path)
+    if metadata.get("config_hash") != spec["config_hash"]:
         raise ValueError(f"{path} was trained with a different configuration; retrain the run")
-    model = build_model(state["model_config"], seed=None, device=device)
-    model.load_state_dict(state["state_dict"])
+    model = build_model(json.loads(metadata["model_config"]), seed=None, device="meta")
+    materialize(model, device, strict(safetensors_source(path), path))
     return model.eval()

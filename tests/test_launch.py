@@ -70,7 +70,9 @@ def test_job_runs_a_stage_and_records_status(tmp_path, micro_data, launcher):
 
 
 def test_failed_job_names_the_run_and_its_log(tmp_path, micro_data):
-    spec = micro_spec(tmp_path, micro_data)  # never trained: there is no model.pt to evaluate
+    spec = micro_spec(
+        tmp_path, micro_data
+    )  # never trained: there is no model.safetensors to evaluate
     with pytest.raises(LaunchError) as err:
         launch(
             "perplexity",
@@ -82,15 +84,19 @@ def test_failed_job_names_the_run_and_its_log(tmp_path, micro_data):
             launcher="local",
         )
     message = str(err.value)
-    assert spec["run_id"] in message and "model.pt" in message
+    assert spec["run_id"] in message and "model.safetensors" in message
     status = read_status(spec["run_dir"], "perplexity")
-    assert status["status"] == "failed" and "model.pt" in status["reason"]
+    assert status["status"] == "failed" and "model.safetensors" in status["reason"]
     assert status["log"] in message and (tmp_path / "run" / "logs" / "perplexity").is_dir()
     assert not (tmp_path / "run" / "perplexity.parquet").exists()
     # the runs table records the failure and its reason
     tables = collect_available({spec["run_id"]: spec}, tmp_path / "results")
     row = tables["runs"].row(0, named=True)
-    assert row["status"] == "failed" and "perplexity" in row["error"] and "model.pt" in row["error"]
+    assert (
+        row["status"] == "failed"
+        and "perplexity" in row["error"]
+        and "model.safetensors" in row["error"]
+    )
 
 
 WAITER = """

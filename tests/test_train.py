@@ -17,10 +17,12 @@ import polars as pl
 import pytest
 import torch
 
+from ltstudy.checkpoint import checkpoint_dirs, read_metadata
 from ltstudy.config import validate_config
 from ltstudy.data.dataset import TokenData, build_dataset
+from ltstudy.io import read_json, write_json
 from ltstudy.models.transformer import build_model
-from ltstudy.train import lr_at, masked_mean, run_paths, train
+from ltstudy.train import load_trained, lr_at, masked_mean, run_paths, train
 from tests.conftest import micro_spec
 
 # Runs training in a child process, slowed per step so the test can interrupt it mid-run.
@@ -58,9 +60,10 @@ def test_training_learns_and_writes_outputs(tmp_path, micro_data):
     assert curve["step"].to_list() == list(range(1, 31))
     assert curve["loss"][-5:].mean() < curve["loss"][0] - 1.0  # from ~ln(258)=5.55 well down
     assert summary["final_loss"] == curve["loss"][-1]
-    state = torch.load(paths["model"], weights_only=False)
-    assert state["config_hash"] == spec["config_hash"] and state["step"] == 30
-    assert not paths["checkpoint"].parent.exists()  # checkpoints removed after success
+    metadata = read_metadata(paths["model"])
+    assert metadata["config_hash"] == spec["config_hash"] and metadata["step"] == "30"
+    assert metadata["world_size"] == "1" and summary["world_size"] == 1
+    assert not paths["checkpoints"].exists()  # checkpoints removed after success
 
 
 def test_one_document_windows_leave_padding_out_of_the_loss(tmp_path, micro_raw):
@@ -96,8 +99,7 @@ def test_answer_loss_weight_trains_on_marked_answers(tmp_path, micro_raw):
         spec = micro_spec(tmp_path / str(weight), data_dir, steps=40, lr=1e-2)
         spec["train"]["answer_loss_weight"] = weight
         train(spec)
-        model = build_model(spec["model"], seed=None)
-        model.load_state_dict(torch.load(run_paths(spec)["model"])["state_dict"])
+        model = load_trained(spec, torch.device("cpu"))
         with torch.no_grad():
             losses = model.token_losses(tokens[:, :-1], tokens[:, 1:])
         return float(masked_mean(losses, marked[:, 1:]))
@@ -121,17 +123,19 @@ def _start(spec_path: Path) -> subprocess.Popen:
     )
 
 
+def saved_step(root: Path) -> int | None:
+    """The step of the newest complete checkpoint under `root`."""
+    found = checkpoint_dirs(root)
+    return read_json(found[-1] / "train_state.json")["step"] if found else None
+
+
 def _wait_for_checkpoint(
     path: Path, step: int, proc: subprocess.Popen, timeout: float = 120
 ) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if path.exists():
-            try:
-                if torch.load(path, weights_only=False)["step"] >= step:
-                    return
-            except Exception:  # being replaced right now
-                pass
+        if (saved_step(path) or 0) >= step:
+            return
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.05)
     raise TimeoutError(f"no checkpoint at step {step}")
@@ -149,20 +153,20 @@ def test_interrupted_run_resumes_and_continues_the_curve(tmp_path, micro_data):
 
     # 1. SIGTERM: the child finishes its step, checkpoints there and exits with an error.
     proc = _start(spec_path)
-    _wait_for_checkpoint(paths["checkpoint"], 4, proc)
+    _wait_for_checkpoint(paths["checkpoints"], 4, proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "TrainingInterrupted" in out
-    stopped_at = torch.load(paths["checkpoint"], weights_only=False)["step"]
+    stopped_at = saved_step(paths["checkpoints"])
     assert 4 <= stopped_at < 16 and not paths["model"].exists()
 
     # 2. Rerun; resumes from there. SIGKILL it: no chance to save, the periodic checkpoint stays.
     proc = _start(spec_path)
-    _wait_for_checkpoint(paths["checkpoint"], max(8, stopped_at + 1), proc)
+    _wait_for_checkpoint(paths["checkpoints"], max(8, stopped_at + 1), proc)
     proc.kill()
     out, _ = proc.communicate(timeout=60)
     assert f"resuming from step {stopped_at}" in out
-    killed_at = torch.load(paths["checkpoint"], weights_only=False)["step"]
+    killed_at = saved_step(paths["checkpoints"])
     assert killed_at > stopped_at
 
     # 3. Rerun to the end: the stitched curve is exactly the uninterrupted one.
@@ -179,8 +183,9 @@ def test_interrupted_run_resumes_and_continues_the_curve(tmp_path, micro_data):
 def test_checkpoint_of_another_config_is_not_resumed(tmp_path, micro_data):
     spec = micro_spec(tmp_path, micro_data, steps=4)
     paths = run_paths(spec)
-    paths["checkpoint"].parent.mkdir(parents=True)
-    torch.save({"config_hash": "something-else", "step": 3}, paths["checkpoint"])
+    other = paths["checkpoints"] / "step-00000003"
+    other.mkdir(parents=True)
+    write_json(other / "train_state.json", {"config_hash": "something-else", "step": 3})
     train(spec)
     assert pl.read_parquet(paths["curve"])["step"].to_list() == [1, 2, 3, 4]
 
@@ -198,7 +203,7 @@ def test_preemption_signal_checkpoints_and_submitit_requeues_the_job(tmp_path, m
     params = submitit_parameters({"gpu": 0, "runtime": 10}, "local", "preempt")
     job = make_executor("local", tmp_path / "logs", params).submit(StageJob("train"), spec, {})
     deadline = time.time() + 120
-    while not paths["checkpoint"].exists():
+    while not checkpoint_dirs(paths["checkpoints"]):
         assert time.time() < deadline and not job.done(), job.stdout()
         time.sleep(0.02)
     for task in psutil.Process(int(job.job_id)).children():

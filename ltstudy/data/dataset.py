@@ -278,25 +278,34 @@ class TokenData:
         return self.sample_batch(batch_size, length, seed, step, windows).tokens
 
     def sample_batch(
-        self, batch_size: int, length: int, seed: int, step: int, windows: str = "random"
+        self,
+        batch_size: int,
+        length: int,
+        seed: int,
+        step: int,
+        windows: str = "random",
+        rows: slice | None = None,
     ) -> Batch:
         """`batch_size` windows of `length` tokens, a pure function of (seed, step). Windows
         start at a random token ("random") or at a random document's first token
         ("documents"); "one_document" also ends them at that document's EOS and fills the
-        rest with EOS, marked as padding, so a window holds one document and nothing else."""
+        rest with EOS, marked as padding, so a window holds one document and nothing else.
+        `rows` reads only those windows of the batch (a data-parallel rank's share); which
+        windows the batch holds does not depend on it."""
         import torch
 
         if windows not in WINDOWS:
             raise ValueError(f"windows must be one of {WINDOWS}, not {windows!r}")
         rng = np.random.default_rng([seed, step])
-        rows, answers, padding = [], [], []
-        for shard, start, end in self._windows(batch_size, length, rng, windows):
+        picked = self._windows(batch_size, length, rng, windows)[rows or slice(None)]
+        tokens, answers, padding = [], [], []
+        for shard, start, end in picked:
             row = np.full(length, self.eos_id, dtype=np.int64)
             row[: end - start] = self.shards[shard][start:end]
-            rows.append(row)
+            tokens.append(row)
             answers.append(self._answer_mask(shard, start, end - start, length))
             padding.append(np.arange(length) >= end - start)
-        return Batch(*(torch.from_numpy(np.stack(x)) for x in (rows, answers, padding)))
+        return Batch(*(torch.from_numpy(np.stack(x)) for x in (tokens, answers, padding)))
 
     def _windows(
         self, batch_size: int, length: int, rng: np.random.Generator, windows: str

@@ -18,25 +18,17 @@ import torch
 
 from ltstudy.models.hf_config import model_config, read_config
 from ltstudy.models.transformer import LanguageModel, build_model
+from ltstudy.parallel.materialize import Source, materialize
+from ltstudy.parallel.parallelize import canonical_name
 
 
-def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    path = Path(path)
+def _checkpoint_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(
-            f"{path}: neither model.safetensors nor model.safetensors.index.json"
-        )
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        state.update(load_file(path / name))
-    return state
+        return [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
 
 
 def from_pretrained(
@@ -53,18 +45,40 @@ def from_pretrained(
     return model.to(dtype) if dtype is not None else model
 
 
-def load_weights(model: LanguageModel, path: str | Path) -> None:
-    """Copy a checkpoint's weights into `model` (its TTT parameters, if any, stay as they are)."""
-    state = {name.removeprefix("model."): tensor for name, tensor in load_safetensors(path).items()}
-    if model.cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [
-        m
-        for m in missing
-        if not (".ttt_" in m or (m == "lm_head.weight" and model.cfg.tie_embeddings))
-    ]
+def hf_name(name: str) -> str:
+    """Our parameter name -> the checkpoint's (Hugging Face keeps the body under `model.`)."""
+    return name if name.startswith("lm_head.") else f"model.{name}"
+
+
+def load_weights(
+    model: LanguageModel,
+    path: str | Path,
+    *,
+    device: torch.device | str | None = None,
+    fallback: Source | None = None,
+) -> None:
+    """Copy a checkpoint's weights into `model`, tensor by tensor (memory-mapped), also into a
+    sharded or meta model. Parameters the checkpoint lacks (TTT's) keep their values, or take
+    `fallback`'s (a meta model has none)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    handles = {}
+    for file in _checkpoint_files(path):
+        handle = safe_open(str(file), framework="pt")
+        handles.update(dict.fromkeys(handle.keys(), handle))
+    wanted = {canonical_name(n): hf_name(canonical_name(n)) for n, _ in model.named_parameters()}
+    missing = [n for n, key in wanted.items() if key not in handles and ".ttt_" not in n]
+    unexpected = sorted(set(handles) - set(wanted.values()) - {"lm_head.weight"})
     if missing or unexpected:
         raise ValueError(
             f"{path}: checkpoint does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+
+    def source(name: str, param: torch.Tensor) -> torch.Tensor | None:
+        key = wanted[name]
+        if key in handles:
+            return handles[key].get_tensor(key)
+        return None if fallback is None else fallback(name, param)
+
+    materialize(model, device or next(model.parameters()).device, source)

@@ -74,9 +74,14 @@ class LanguageModel(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.tie_weights()
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
+
+    def tie_weights(self) -> None:
+        """Share the embedding table with the LM head (again: moving a meta model to a device
+        gives each module its own new tensor)."""
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
 
     def new_cache(self) -> Cache:
         return Cache(layers=[{} for _ in self.layers])
@@ -106,13 +111,19 @@ class LanguageModel(nn.Module):
         return self.lm_head(self.hidden_states(input_ids, cache))
 
     def token_losses(
-        self, input_ids: Tensor, labels: Tensor, chunk: int = 4096, doc_starts: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        labels: Tensor,
+        doc_starts: Tensor | None = None,
+        chunk: int | None = None,
     ) -> Tensor:
         """Per-token cross-entropy [B, T] (0 where labels == -100).
 
         The LM head and softmax run in chunks of tokens, recomputed in the backward pass, so
-        the [T, vocab] logits of a long sequence never exist all at once.
+        the [T, vocab] logits of a long sequence never exist all at once; by default a chunk
+        holds about 2^26 logits whatever the vocabulary (2,048 tokens at 32K, 256 at 152K).
         """
+        chunk = chunk or loss_chunk(self.cfg.vocab_size)
         hidden = self.hidden_states(input_ids, doc_starts=doc_starts)
         pieces = []
         for start in range(0, hidden.shape[1], chunk):
@@ -129,8 +140,13 @@ class LanguageModel(nn.Module):
         return F.cross_entropy(logits.transpose(1, 2), y, ignore_index=-100, reduction="none")
 
 
+def loss_chunk(vocab_size: int) -> int:
+    """Tokens per loss-head chunk: a power of two with about 2^26 logits, at least 256."""
+    return max(256, 1 << ((1 << 26) // vocab_size).bit_length() - 1)
+
+
 def build_model(cfg: ModelConfig | dict, *, seed: int | None = 0, device=None) -> LanguageModel:
-    """Construct a model; with a seed, initialise it (see `init_weights`)."""
+    """Construct a model; with a seed, initialise it (see `seeded_values`)."""
     if isinstance(cfg, dict):
         cfg = ModelConfig.from_dict(cfg)
     with torch.device(device or "cpu"):
@@ -140,39 +156,47 @@ def build_model(cfg: ModelConfig | dict, *, seed: int | None = 0, device=None) -
     return model
 
 
-@torch.no_grad()
 def init_weights(model: LanguageModel, seed: int) -> None:
-    """Initialise every parameter from its own generator, seeded by (seed, parameter name).
+    from ltstudy.parallel.materialize import materialize
 
-    So a parameter's initial value depends only on the seed and its name: `full` and `ttt_full`
-    built with the same seed share their backbone weights exactly, which makes variant
-    comparisons paired and the TTT-at-init identity testable.
+    materialize(model, next(model.parameters()).device, seeded_values(model.cfg, seed))
+
+
+def seeded_values(cfg: ModelConfig, seed: int):
+    """Initial values by parameter name: each from its own generator, seeded by (seed, name).
+
+    So a parameter's initial value depends only on the seed and its name, not on the other
+    parameters or on how the model is sharded: `full` and `ttt_full` built with the same seed
+    share their backbone weights exactly, which makes variant comparisons paired and the
+    TTT-at-init identity testable. Values are drawn on the parameter's device.
     """
-    cfg = model.cfg
     std = cfg.init_std
-    for name, p in model.named_parameters():
-        g = torch.Generator(device=p.device).manual_seed(
-            seed * 1_000_003 + zlib.crc32(name.encode())
-        )
+
+    def value(name: str, param: Tensor) -> Tensor:
+        device = param.device
+        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        p = torch.empty(param.shape, dtype=param.dtype, device=device)
         leaf = name.rsplit(".", 1)[-1]
         if name.endswith("norm.weight") or name.endswith("layernorm.weight") or leaf == "D":
-            p.fill_(1.0)
-        elif "ttt_conv" in name or leaf == "bias":
-            p.zero_()
-        elif "ttt_proj" in name:
+            return p.fill_(1.0)
+        if "ttt_conv" in name or leaf == "bias":
+            return p.zero_()
+        if "ttt_proj" in name:
             p.zero_()
             p.diagonal().normal_(0.0, std, generator=g)
-        elif leaf == "A_log":  # decay rates A in [1, 16], as in Mamba2
-            p.copy_(torch.empty_like(p).uniform_(1, 16, generator=g).log())
-        elif leaf == "dt_bias":  # softplus(dt_bias) = dt, log-uniform in [1e-3, 1e-1]
-            dt = torch.empty_like(p).uniform_(math.log(1e-3), math.log(1e-1), generator=g).exp()
-            p.copy_(dt + torch.log(-torch.expm1(-dt)))
-        elif leaf in ("w1", "w2", "w3") or (leaf == "weight" and "conv" in name):
-            p.normal_(0.0, p.shape[-1] ** -0.5, generator=g)  # LaCT fast weights, short convs
-        elif name.endswith(("o_proj.weight", "down_proj.weight", "out_proj.weight")):
-            p.normal_(0.0, std / (2 * cfg.n_layers) ** 0.5, generator=g)
-        else:
-            p.normal_(0.0, std, generator=g)
+            return p
+        if leaf == "A_log":  # decay rates A in [1, 16], as in Mamba2
+            return p.uniform_(1, 16, generator=g).log_()
+        if leaf == "dt_bias":  # softplus(dt_bias) = dt, log-uniform in [1e-3, 1e-1]
+            dt = p.uniform_(math.log(1e-3), math.log(1e-1), generator=g).exp()
+            return dt + torch.log(-torch.expm1(-dt))
+        if leaf in ("w1", "w2", "w3") or (leaf == "weight" and "conv" in name):
+            return p.normal_(0.0, p.shape[-1] ** -0.5, generator=g)  # LaCT fast weights, convs
+        if name.endswith(("o_proj.weight", "down_proj.weight", "out_proj.weight")):
+            return p.normal_(0.0, std / (2 * cfg.n_layers) ** 0.5, generator=g)
+        return p.normal_(0.0, std, generator=g)
+
+    return value
 
 
 def count_parameters(cfg: ModelConfig | dict) -> dict[str, int]:

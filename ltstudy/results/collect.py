@@ -40,7 +40,14 @@ def run_status(spec: Mapping[str, Any]) -> dict[str, Any]:
         status = "pending"
     wall = sum(st.get("wall_s", 0.0) for st in stages.values() if st)
     gpu_s = sum(st.get("wall_s", 0.0) * st.get("gpus", 0) for st in stages.values() if st)
-    return {"status": status, "error": None, "wall_s": wall, "gpu_hours": gpu_s / 3600}
+    world = (stages.get("train") or {}).get("world_size")
+    return {
+        "status": status,
+        "error": None,
+        "wall_s": wall,
+        "gpu_hours": gpu_s / 3600,
+        "world_size": world,
+    }
 
 
 def runs_frame(specs: Mapping[str, Mapping[str, Any]]) -> pl.DataFrame:

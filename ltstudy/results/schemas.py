@@ -109,6 +109,7 @@ TABLES: dict[str, pl.Schema] = {
         "error": pl.String,
         "train_steps": pl.Int64,
         "train_tokens": pl.Int64,
+        "world_size": pl.Int64,
         "final_loss": pl.Float64,
         "wall_s": pl.Float64,
         "gpu_hours": pl.Float64,
@@ -127,7 +128,7 @@ RUN_FILES = {
 }
 # What each stage writes into the run folder, by output name.
 STAGE_OUTPUTS = {
-    "train": {"model": "model.pt", "curve": RUN_FILES["train_curves"]},
+    "train": {"model": "model.safetensors", "curve": RUN_FILES["train_curves"]},
     "perplexity": {"table": RUN_FILES["perplexity"], "positions": RUN_FILES["position_loss"]},
     "passkey": {"table": RUN_FILES["passkey"]},
     "ruler": {"table": RUN_FILES["ruler"]},

@@ -4,7 +4,7 @@
 rule train:
     input:
         manifest=run_manifest,
-        init=lambda wildcards: [f"{d}/model.pt" for d in [spec(wildcards).get("init_from_dir")] if d],
+        init=lambda wildcards: [f"{d}/model.safetensors" for d in [spec(wildcards).get("init_from_dir")] if d],
     output:
         **outputs_of("train"),
     priority: 3

@@ -1,0 +1,209 @@
+"""The planner: for every run, the layout it trains under and proof that it fits.
+
+`plan_run(spec)` estimates the peak memory per GPU of the run's training step (see
+`ltstudy.plan.memory`) under candidate layouts and picks, where the config says `auto`, the
+least recomputation and then the largest micro-batch that fit `resources.train.gpu_memory_gb`
+(on the CPU, the job's memory per task); if none fits, the smallest context-parallel degree
+that would. It also estimates the GPU-hours at a stated MFU. Config validation runs it, so a
+run that cannot fit fails before anything is submitted; `ltstudy plan` prints the table.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ltstudy.plan.memory import GB, Estimate, Shape, parameter_counts, training_memory
+
+HEADROOM = 0.92  # of a GPU's memory usable by tensors: the caching allocator fragments
+DEFAULT_MFU = 0.4
+DEFAULT_PEAK_TFLOPS = 989.0  # dense bf16 of an H100/H200 (the datasheet)
+CHECKPOINTING_ORDER = ("none", "selective", "full")  # least recomputation first
+
+
+class PlanError(ValueError):
+    """No layout can even be formed (the batch does not split); names the config field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass
+class Plan:
+    run_id: str
+    study: str
+    size: str
+    context: int
+    params: int
+    tokens: int
+    nodes: int
+    gpus_per_node: int  # ranks per node (GPUs, or CPU processes)
+    device: str
+    context_parallel: int
+    data_parallel: int
+    activation_checkpointing: str
+    micro_batch_size: int
+    estimate: Estimate
+    capacity: float  # bytes one rank may use
+    gpu_hours: float
+    status: str  # fits | needs context parallel | does not fit
+    tried: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.status == "fits"
+
+    @property
+    def runnable(self) -> bool:
+        """Training can run this plan today (context parallelism is not implemented yet)."""
+        return self.fits and self.context_parallel == 1
+
+    def describe(self) -> str:
+        return (
+            f"{self.nodes} x {self.gpus_per_node} {self.device}, data {self.data_parallel} x "
+            f"context {self.context_parallel}, micro-batch {self.micro_batch_size}, "
+            f"checkpointing {self.activation_checkpointing}: "
+            f"{self.estimate.total / GB:.1f} GB of {self.capacity / GB:.1f} GB per rank"
+        )
+
+
+def capacity_bytes(resources: Mapping[str, Any]) -> float:
+    """What one rank may use: a GPU's memory less headroom, or the job's memory per task."""
+    if resources["gpu"]:
+        return resources["gpu_memory_gb"] * GB * HEADROOM
+    return resources["mem_mb"] * 1e6 / resources["tasks_per_node"]
+
+
+def _divisors_descending(n: int) -> list[int]:
+    return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+def train_flops(spec: Mapping[str, Any], params: int, checkpointing: str) -> float:
+    """FLOPs of the whole run: 3x the forward per token (4x with full recomputation)."""
+    from ltstudy.models.flops import forward_flops_per_token
+
+    forward = forward_flops_per_token(spec["model"], params, spec["context"])
+    recompute = {"none": 0.0, "selective": 0.5, "full": 1.0}[checkpointing]
+    return (3 + recompute) * forward * spec["train"]["tokens"]
+
+
+def plan_run(
+    spec: Mapping[str, Any],
+    mfu: float = DEFAULT_MFU,
+    peak_tflops: float = DEFAULT_PEAK_TFLOPS,
+) -> Plan:
+    """The layout of a training run and its memory estimate (see the module docstring)."""
+    layout, resources = spec["layout"], spec["resources"]["train"]
+    nodes, per_node = layout["nodes"], layout["tasks_per_node"]
+    world = nodes * per_node
+    device = "cuda" if resources["gpu"] else "cpu"
+    dtype = "bf16" if device == "cuda" and spec["train"]["dtype"] == "bf16" else "fp32"
+    capacity = capacity_bytes({**resources, "tasks_per_node": per_node})
+    batch, context = spec["train"]["batch_size"], spec["context"]
+    if layout["context"] == "auto":
+        degrees = [k for k in _divisors_descending(world)[::-1] if k <= context]
+    else:
+        degrees = [layout["context"]]
+    levels = (
+        CHECKPOINTING_ORDER
+        if layout["activation_checkpointing"] == "auto"
+        else (layout["activation_checkpointing"],)
+    )
+    params = parameter_counts(spec["model"])["total"]
+    shard = per_node if layout["hybrid_shard"] and nodes > 1 else world
+    tried: list[str] = []
+    best: tuple | None = None
+    for degree in degrees:
+        data_parallel = world // degree
+        if world % degree or batch % data_parallel:
+            tried.append(f"context {degree}: batch {batch} does not split over {data_parallel}")
+            continue
+        rows = batch // data_parallel
+        requested = layout["micro_batch_size"]
+        if requested in (None, "auto"):
+            micros = _divisors_descending(rows)
+        elif rows % requested:
+            tried.append(
+                f"context {degree}: micro_batch_size {requested} does not divide the {rows} "
+                f"sequences each of {data_parallel} data-parallel ranks gets"
+            )
+            continue
+        else:
+            micros = [requested]
+        for level in levels:
+            for micro in micros:
+                tokens = micro * math.ceil(context / degree)
+                shape = Shape(
+                    device,
+                    dtype,
+                    world,
+                    shard if world > 1 or device == "cuda" else 1,
+                    tokens,
+                    micro,
+                )
+                estimate = training_memory(spec["model"], shape, level)
+                candidate = (degree, data_parallel, level, micro, estimate)
+                if best is None or estimate.total < best[4].total:
+                    best = candidate
+                if estimate.total <= capacity:
+                    status = "fits" if degree == 1 else "needs context parallel"
+                    return _plan(
+                        spec,
+                        params,
+                        nodes,
+                        per_node,
+                        device,
+                        candidate,
+                        capacity,
+                        status,
+                        tried,
+                        mfu,
+                        peak_tflops,
+                    )
+                tried.append(
+                    f"context {degree}, {level}, micro {micro}: {estimate.total / GB:.1f} GB"
+                )
+    if best is None:
+        field = "micro_batch_size" if "micro_batch_size" in " ".join(tried) else "batch_size"
+        raise PlanError(f"train.{field}", f"{spec['run_id']}: " + "; ".join(tried))
+    return _plan(
+        spec,
+        params,
+        nodes,
+        per_node,
+        device,
+        best,
+        capacity,
+        "does not fit",
+        tried,
+        mfu,
+        peak_tflops,
+    )
+
+
+def _plan(spec, params, nodes, per_node, device, candidate, capacity, status, tried, mfu, peak):
+    degree, data_parallel, level, micro, estimate = candidate
+    gpu_hours = train_flops(spec, params, level) / (mfu * peak * 1e12) / 3600
+    return Plan(
+        run_id=spec["run_id"],
+        study=spec["study"],
+        size=spec["size"],
+        context=spec["context"],
+        params=params,
+        tokens=spec["train"]["tokens"],
+        nodes=nodes,
+        gpus_per_node=per_node,
+        device=device,
+        context_parallel=degree,
+        data_parallel=data_parallel,
+        activation_checkpointing=level,
+        micro_batch_size=micro,
+        estimate=estimate,
+        capacity=capacity,
+        gpu_hours=gpu_hours,
+        status=status,
+        tried=tried,
+    )

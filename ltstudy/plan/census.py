@@ -1,0 +1,274 @@
+"""Activation memory of a model's pieces, counted on the meta device.
+
+A dispatch mode follows every tensor storage that the pieces allocate and frees it when the
+storage dies, so running a block's forward and backward on meta tensors (no memory, no
+arithmetic) gives the bytes it keeps for the backward pass and the peak of what it holds
+meanwhile, exactly as the eager code allocates them. Attention is the one op that differs by
+device: on meta, PyTorch would take the math path and build the [T, T] score matrix, while the
+flash / memory-efficient kernels that run on CUDA and the CPU keep only the output and its
+log-sum-exp; the census stands in an op that allocates what those kernels do.
+
+Each count is per piece and per token count; the planner fits a line through two token counts
+beyond every chunk and window, where memory grows linearly, and scales it to the run's tokens.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from ltstudy.io import atomic_path
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of tensor storage alive, and their peak, among storages created inside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._sizes: dict[int, int] = {}
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key)
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage()._cdata
+            for t in tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        }
+        for t in tree_leaves(out):
+            # views and in-place results share a storage that exists already (a parameter's,
+            # say, allocated before the count began): only new storages are allocations
+            if isinstance(t, torch.Tensor) and not t._is_view():
+                storage = t.untyped_storage()
+                key = storage._cdata
+                if key not in self._sizes and key not in inputs:
+                    self._sizes[key] = storage.nbytes()
+                    self.live += storage.nbytes()
+                    weakref.finalize(storage, self._free, key)
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+class _FusedAttention(torch.autograd.Function):
+    """What a flash / memory-efficient attention kernel allocates: the output and a float32
+    log-sum-exp per query, kept with q, k, v for the backward; the backward makes dq, dk, dv."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+    return _FusedAttention.apply(q, k, v)
+
+
+@contextlib.contextmanager
+def fused_attention() -> Iterator[None]:
+    """Route F.scaled_dot_product_attention to the fused kernels' memory behaviour."""
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _fused_sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+@dataclass(frozen=True)
+class PieceMemory:
+    """Bytes one piece of the model needs at one token count (batch of one sequence).
+
+    kept:         alive after its forward, kept for the backward (its output included)
+    forward_peak: above `kept`, the most its forward holds at once
+    backward_peak: above everything alive when its backward starts, the most it adds
+    inference:    the most its forward holds at once without gradients (output included)
+    """
+
+    kept: int
+    forward_peak: int
+    backward_peak: int
+    inference: int
+
+
+def _measure(
+    module: torch.nn.Module,
+    run: Callable[[], torch.Tensor],
+    grad_like: Callable[[torch.Tensor], None],
+) -> PieceMemory:
+    with fused_attention(), LiveBytes() as tracker:
+        with torch.no_grad():
+            before = tracker.live
+            out = run()
+            inference = tracker.peak - before
+            del out
+        tracker.reset_peak()
+        before = tracker.live
+        out = run()
+        kept = tracker.live - before
+        forward_peak = tracker.peak - tracker.live
+        tracker.reset_peak()
+        start = tracker.live
+        grad_like(out)
+        backward_peak = tracker.peak - start
+    module.zero_grad(set_to_none=True)  # the next count allocates its gradients anew
+    return PieceMemory(kept, forward_peak, backward_peak, inference)
+
+
+@functools.cache
+def _model(model_json: str, dtype: str):
+    from ltstudy.models.transformer import build_model
+
+    model = build_model(json.loads(model_json), seed=None, device="meta")
+    return model.to(torch.bfloat16 if dtype == "bf16" else torch.float32)
+
+
+def block_kinds(model_cfg: Mapping[str, Any]) -> dict[tuple, list[int]]:
+    """Layers grouped by what they allocate: their attention window and whether their MLP
+    carries In-Place TTT (every other setting is the same in all layers)."""
+    from ltstudy.models.attention import layer_window
+    from ltstudy.models.config import ModelConfig
+
+    cfg = ModelConfig.from_dict(dict(model_cfg))
+    kinds: dict[tuple, list[int]] = {}
+    for index in range(cfg.n_layers):
+        kinds.setdefault((layer_window(cfg, index), cfg.has_ttt(index)), []).append(index)
+    return kinds
+
+
+class _DiskCache:
+    """Counts survive the process (Snakemake parses the workflow, and so plans every run, in
+    each job's process too), keyed by the code that allocates: the model and op sources, this
+    file and torch's version."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, list[int]] | None = None
+        self._dirty = False
+
+    @functools.cached_property
+    def path(self) -> Path:
+        sources = Path(__file__).resolve().parents[1]
+        digest = hashlib.sha256(torch.__version__.encode())
+        for folder in ("models", "ops"):
+            for file in sorted((sources / folder).glob("*.py")):
+                digest.update(file.read_bytes())
+        digest.update(Path(__file__).read_bytes())
+        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ltstudy"
+        return root / f"census-{digest.hexdigest()[:16]}.json"
+
+    def _load(self) -> dict[str, list[int]]:
+        if self._entries is None:
+            try:
+                self._entries = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                self._entries = {}
+        return self._entries
+
+    def get(self, key: str, compute: Callable[[], Any]) -> Any:
+        """The JSON value stored under `key`, computed and stored if missing."""
+        entries = self._load()
+        if key not in entries:
+            entries[key] = compute()
+            if not self._dirty:
+                atexit.register(self.save)
+            self._dirty = True
+        return entries[key]
+
+    def save(self) -> None:
+        if not self._dirty:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            merged = {**self._read_current(), **(self._entries or {})}
+            with atomic_path(self.path) as tmp:
+                tmp.write_text(json.dumps(merged))
+            self._dirty = False
+        except OSError:  # a read-only home: the counts are only slower next time
+            pass
+
+    def _read_current(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+
+CACHE = _DiskCache()
+
+
+def cache_key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
+
+
+def block_memory(model_json: str, dtype: str, layer: int, tokens: int) -> PieceMemory:
+    """One block at `tokens` tokens (one sequence); inputs are kept outside the count."""
+    key = cache_key("block", model_json, dtype, layer, tokens)
+    return PieceMemory(
+        *CACHE.get(
+            key, lambda: list(vars(_block_memory(model_json, dtype, layer, tokens)).values())
+        )
+    )
+
+
+def outer_memory(model_json: str, dtype: str, tokens: int) -> PieceMemory:
+    """Everything but the blocks: embeddings, final norm, LM head and the chunked loss."""
+    key = cache_key("outer", model_json, dtype, tokens)
+    return PieceMemory(
+        *CACHE.get(key, lambda: list(vars(_outer_memory(model_json, dtype, tokens)).values()))
+    )
+
+
+def _block_memory(model_json: str, dtype: str, layer: int, tokens: int) -> PieceMemory:
+    model = _model(model_json, dtype)
+    block = model.layers[layer]
+    act = torch.bfloat16 if dtype == "bf16" else torch.float32
+    d = model.cfg.d_model
+    x = torch.empty(1, tokens, d, device="meta", dtype=act, requires_grad=True)
+    embeddings = torch.empty(1, tokens, d, device="meta", dtype=act)
+    rope = model.rotary(0, tokens, torch.device("meta"))
+
+    def run() -> torch.Tensor:
+        return block(x, embeddings, rope)
+
+    return _measure(block, run, lambda out: out.backward(torch.empty_like(out)))
+
+
+def _outer_memory(model_json: str, dtype: str, tokens: int) -> PieceMemory:
+    model = _model(model_json, dtype)
+    ids = torch.zeros(1, tokens + 1, dtype=torch.long, device="meta")
+    layers, model.layers = model.layers, torch.nn.ModuleList()
+    try:
+
+        def run() -> torch.Tensor:
+            return model.token_losses(ids[:, :-1], ids[:, 1:])
+
+        return _measure(model, run, lambda out: out.sum().backward())
+    finally:
+        model.layers = layers

@@ -1,0 +1,193 @@
+"""Peak memory of one training rank (or one evaluation process) under a given layout.
+
+    peak = runtime + training state + FSDP2's gathered buffers + activations + transients
+
+training state   fp32 parameters, gradients and AdamW's two moments: 16 bytes per parameter,
+                 divided over the ranks FSDP2 shards over (all of them; one node's with HSDP)
+gathered         FSDP2 all-gathers parameters in the compute dtype for the root (embeddings,
+                 head) and for two blocks at a time (one prefetched), and reduce-scatters one
+                 block's gradients through a float32 buffer
+activations      the census's per-block counts scaled to this rank's tokens: all of each
+                 block's kept tensors, or, for a checkpointed block, only its input
+transients       the largest of: a block's forward and backward peaks (with, when
+                 checkpointed, its recomputed activations), and the loss head's
+runtime          what the process holds beyond tensors: the CUDA context, NCCL and cuBLAS
+                 workspaces on a GPU (not in torch.cuda.max_memory_allocated); the Python
+                 interpreter with torch and the libraries on the CPU (in the resident set)
+slack            on the CPU, glibc's malloc keeps freed blocks for reuse, so the resident set
+                 peaks above the live tensors: measured 1.06-1.3x in training and up to 2x
+                 (of small amounts) in a forward pass; the planner adds a quarter. On a GPU
+                 the caching allocator's fragmentation is left to the capacity's headroom.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ltstudy.plan.census import PieceMemory, block_kinds, block_memory, outer_memory
+
+GB = 1e9
+CUDA_RUNTIME_BYTES = 1.5 * GB
+CPU_RUNTIME_BYTES = 0.31 * GB  # measured: a fresh process after imports and a first forward
+CPU_MALLOC_SLACK = 0.25
+FLOAT32 = 4
+STATE_BYTES = 16  # fp32 parameter + gradient + two AdamW moments
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Where the run executes and how its state is split."""
+
+    device: str  # cuda | cpu
+    dtype: str  # compute dtype: bf16 | fp32
+    world: int  # ranks in the training job
+    shard: int  # ranks FSDP2 shards the state over (1: no FSDP, the plain model)
+    tokens: int  # tokens per forward on one rank: micro-batch x context / context degree
+    micro: int  # sequences per forward
+
+
+@dataclass(frozen=True)
+class Estimate:
+    runtime: float
+    state: float
+    gathered: float
+    activations: float
+    transient: float
+    slack: float = 0.0
+
+    @property
+    def tensors(self) -> float:
+        """The live tensors' peak (what torch.cuda.max_memory_allocated counts)."""
+        return self.state + self.gathered + self.activations + self.transient
+
+    @property
+    def total(self) -> float:
+        return self.runtime + self.tensors + self.slack
+
+
+def _finish(device: str, state, gathered, activations, transient) -> Estimate:
+    if device == "cuda":
+        return Estimate(CUDA_RUNTIME_BYTES, state, gathered, activations, transient)
+    tensors = state + gathered + activations + transient
+    return Estimate(
+        CPU_RUNTIME_BYTES, state, gathered, activations, transient, CPU_MALLOC_SLACK * tensors
+    )
+
+
+def _fit(measure, tokens: int, anchors: tuple[int, int]) -> PieceMemory:
+    """A piece's memory at `tokens`: measured directly when short, else the line through two
+    measurements beyond every chunk and window (memory is linear in tokens there)."""
+    low, high = anchors
+    if tokens <= high:  # short: measured as it is
+        return measure(tokens)
+    a, b = measure(low), measure(high)
+    scale = (tokens - low) / (high - low)
+    return PieceMemory(
+        *(
+            round(x + (y - x) * scale)
+            for x, y in zip(vars(a).values(), vars(b).values(), strict=True)
+        )
+    )
+
+
+def anchors(lengths: list[int | None], tokens: int) -> tuple[int, int]:
+    """Two token counts (powers of two) beyond each of `lengths` (windows, chunks) shorter
+    than `tokens`: between them memory grows as it does up to `tokens`."""
+    below = [n for n in lengths if n and n < tokens]
+    low = 1 << (2 * max([32, *below]) - 1).bit_length()
+    return low, 2 * low
+
+
+def block_lengths(model: Mapping[str, Any]) -> list[int | None]:
+    """The windows and chunk sizes the blocks work in."""
+    lengths = [model.get("swa_window")]
+    lengths += [v for k, v in (model.get("mixer") or {}).items() if k == "chunk_size"]
+    if model.get("ttt"):
+        lengths.append(model["ttt"]["chunk_size"])
+    return lengths
+
+
+def outer_lengths(model: Mapping[str, Any]) -> list[int | None]:
+    """The loss head works in chunks of tokens."""
+    from ltstudy.models.transformer import loss_chunk
+
+    return [loss_chunk(model["vocab_size"])]
+
+
+def parameter_counts(model: Mapping[str, Any]) -> dict[str, Any]:
+    """Parameters in total, of each block, and outside the blocks (meta device)."""
+    return _parameter_counts(json.dumps(model, sort_keys=True))
+
+
+@functools.cache
+def _parameter_counts(model_json: str) -> dict[str, Any]:
+    from ltstudy.plan.census import CACHE, _model, cache_key
+
+    def count() -> dict[str, Any]:
+        built = _model(model_json, "fp32")
+        blocks = [sum(p.numel() for p in layer.parameters()) for layer in built.layers]
+        total = sum(p.numel() for p in built.parameters())
+        return {"total": total, "blocks": blocks, "outer": total - sum(blocks)}
+
+    return CACHE.get(cache_key("parameters", model_json), count)
+
+
+def training_memory(
+    model: Mapping[str, Any], shape: Shape, checkpointing: str, hybrid_nodes: int = 1
+) -> Estimate:
+    """Peak bytes of one rank in a training step (forward, backward, optimizer)."""
+    key = json.dumps(model, sort_keys=True)
+    counts = parameter_counts(model)
+    act_bytes = 2 if shape.dtype == "bf16" else FLOAT32
+    state = STATE_BYTES * counts["total"] / shape.shard
+    gathered = 0.0
+    if shape.shard > 1 or shape.device == "cuda":  # FSDP2 whenever there is a process group
+        biggest = max(counts["blocks"])
+        gathered = act_bytes * (counts["outer"] + 2 * biggest) + FLOAT32 * biggest
+    per_seq = shape.tokens // shape.micro
+    points = anchors(block_lengths(model), per_seq)
+    input_bytes = act_bytes * model["d_model"] * shape.tokens
+    activations, transient = 0.0, 0.0
+    n = 0
+    for layers in block_kinds(model).values():
+        piece = _fit(
+            lambda t, layer=layers[0]: block_memory(key, shape.dtype, layer, t), per_seq, points
+        )
+        kept, fwd, bwd = (
+            shape.micro * x for x in (piece.kept, piece.forward_peak, piece.backward_peak)
+        )
+        for index in layers:
+            checkpointed = checkpointing == "full" or (
+                checkpointing == "selective" and index % 2 == 0
+            )
+            activations += input_bytes if checkpointed else kept
+            transient = max(transient, (kept if checkpointed else 0) + max(fwd, bwd))
+            n += 1
+    outer_points = anchors(outer_lengths(model), per_seq)
+    outer = _fit(lambda t: outer_memory(key, shape.dtype, t), per_seq, outer_points)
+    activations += shape.micro * outer.kept
+    transient = max(transient, shape.micro * max(outer.forward_peak, outer.backward_peak))
+    return _finish(shape.device, state, gathered, activations, transient)
+
+
+def prefill_memory(model: Mapping[str, Any], device: str, dtype: str, tokens: int) -> Estimate:
+    """Peak bytes of a forward pass without gradients over `tokens` tokens on one device (the
+    plain model, as evaluation runs it): the weights, the residual stream, the embeddings, and
+    the most that one block or the loss head holds at once."""
+    key = json.dumps(model, sort_keys=True)
+    counts = parameter_counts(model)
+    act_bytes = 2 if dtype == "bf16" else FLOAT32
+    points = anchors(block_lengths(model), tokens)
+    weights = act_bytes * counts["total"] if device == "cuda" else FLOAT32 * counts["total"]
+    stream = 2 * act_bytes * model["d_model"] * tokens  # residual stream and embeddings
+    peak = 0
+    for layers in block_kinds(model).values():
+        piece = _fit(lambda t, layer=layers[0]: block_memory(key, dtype, layer, t), tokens, points)
+        peak = max(peak, piece.inference)
+    outer_points = anchors(outer_lengths(model), tokens)
+    peak = max(peak, _fit(lambda t: outer_memory(key, dtype, t), tokens, outer_points).inference)
+    return _finish(device, weights, 0.0, stream, peak)

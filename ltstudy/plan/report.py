@@ -1,0 +1,68 @@
+"""The planner's table: one line per run, or per group of like runs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import groupby
+
+from ltstudy.config import context_label
+from ltstudy.plan import Plan
+from ltstudy.plan.memory import GB
+
+
+def _layout(plan: Plan) -> str:
+    return (
+        f"{plan.nodes}x{plan.gpus_per_node} dp{plan.data_parallel} cp{plan.context_parallel} "
+        f"{plan.activation_checkpointing} mb{plan.micro_batch_size}"
+    )
+
+
+def _status(plan: Plan) -> str:
+    if plan.status == "needs context parallel":
+        return f"needs context parallel, degree {plan.context_parallel}"
+    return plan.status
+
+
+def plan_table(plans: Sequence[Plan], mfu: float, peak: float, summary: bool = False) -> str:
+    lines = [
+        f"GPU-hours at {100 * mfu:.0f}% MFU of {peak:g} TFLOP/s; memory per GPU (rank); "
+        "layout = nodes x GPUs per node, data- and context-parallel degrees, activation "
+        "checkpointing, micro-batch (sequences per rank per forward)",
+        "",
+    ]
+    if summary:
+        lines += [
+            f"{'study':<20} {'runs':>4} {'size':<5} {'context':>7} {'layout':<28} "
+            f"{'GB/GPU':>7} {'GPU-h':>9}  status",
+        ]
+
+        def key(p: Plan):
+            return (p.study, p.size, p.context, _layout(p), _status(p))
+
+        for (study, size, context, layout, status), group in groupby(plans, key=key):
+            group = list(group)
+            lines.append(
+                f"{study:<20} {len(group):>4} {size:<5} {context_label(context):>7} "
+                f"{layout:<28} {max(p.estimate.total for p in group) / GB:>7.1f} "
+                f"{sum(p.gpu_hours for p in group):>9,.0f}  {status}"
+            )
+    else:
+        lines.append(
+            f"{'run':<48} {'params':>7} {'tokens':>7} {'layout':<28} {'GB/GPU':>7} "
+            f"{'of':>5} {'GPU-h':>9}  status"
+        )
+        for p in plans:
+            lines.append(
+                f"{p.run_id:<48} {p.params / 1e9:>6.2f}B {p.tokens / 1e9:>6.0f}B {_layout(p):<28} "
+                f"{p.estimate.total / GB:>7.1f} {p.capacity / GB:>5.0f} {p.gpu_hours:>9,.0f}  "
+                f"{_status(p)}"
+            )
+    fits = sum(p.runnable for p in plans)
+    needs = sum(p.status == "needs context parallel" for p in plans)
+    lines += [
+        "",
+        f"{len(plans)} training runs: {fits} fit as planned, {needs} need context parallelism "
+        f"(training does not split sequences yet), {len(plans) - fits - needs} do not fit; "
+        f"{sum(p.gpu_hours for p in plans):,.0f} GPU-hours in all",
+    ]
+    return "\n".join(lines)
