@@ -12,7 +12,7 @@ from ltstudy.models.presets import SIZES, resolve_model
 from ltstudy.models.transformer import build_model, mixer_class
 from ltstudy.models.variants import VARIANTS
 from ltstudy.ops.delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
-from ltstudy.ops.gla import chunk_gla, chunk_scalar_gla, recurrent_gla
+from ltstudy.ops.gla import chunk_gla, chunk_scalar_gla, min_log_decay, recurrent_gla
 from ltstudy.ops.lact import lact, lact_reference
 
 
@@ -33,6 +33,19 @@ def assert_same(fast, slow, inputs):
     g2 = torch.autograd.grad((o2 * go).sum() + (s2 * gs).sum(), inputs, materialize_grads=True)
     for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+
+
+def test_gla_chunkwise_in_float32_at_the_strongest_decay_it_folds():
+    """Every gate at the floor: the folded factors reach exp(±80) within a chunk, near the edge
+    of float32's range; the chunk form stays finite and equals the float64 recurrence."""
+    B, H, T, K, V = 1, 2, 48, 4, 3
+    q, k, v = rand(B, H, T, K, seed=1), rand(B, H, T, K, seed=2), rand(B, H, T, V, seed=3)
+    g = torch.full((B, H, T, K), min_log_decay(16), dtype=torch.float64)
+    s0 = rand(B, H, K, V, seed=5)
+    expected, _ = recurrent_gla(q, k, v, g, 0.5, s0)
+    got, state = chunk_gla(*(x.float() for x in (q, k, v, g)), 0.5, s0.float(), 16)
+    assert torch.isfinite(got).all() and torch.isfinite(state).all()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("T, chunk", [(37, 8), (32, 16), (5, 16)])

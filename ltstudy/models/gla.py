@@ -1,7 +1,8 @@
 """GLA: gated linear attention (Yang et al., 2024) with a per-key, data-dependent decay.
 
 Keys and decays come from the input; the decay is logsigmoid(low-rank projection) / normalizer
-so that it stays mild. The output is RMS-normalised per head and gated by SiLU(g).
+so that it stays mild (and is floored where the chunkwise form could not fold it exactly).
+The output is RMS-normalised per head and gated by SiLU(g).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 
 from ltstudy.models.config import ModelConfig
 from ltstudy.models.layers import GatedRMSNorm
-from ltstudy.ops.gla import chunk_gla, recurrent_gla
+from ltstudy.ops.gla import chunk_gla, min_log_decay, recurrent_gla
 
 
 class GatedLinearAttention(nn.Module):
@@ -37,7 +38,8 @@ class GatedLinearAttention(nn.Module):
             return t.view(B, T, self.n_heads, -1).transpose(1, 2)
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        gk = heads(F.logsigmoid(self.gk_up(self.gk_down(x))) / self.normalizer)
+        gk = F.logsigmoid(self.gk_up(self.gk_down(x))) / self.normalizer
+        gk = heads(gk.clamp_min(min_log_decay(self.chunk_size)))  # the chunk form's range
         state = None if cache is None else cache.get("S")
         scale = self.key_dim**-0.5
         if T == 1 and cache is not None:
