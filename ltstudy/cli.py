@@ -189,7 +189,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_memory(args: argparse.Namespace) -> int:
     import torch
 
-    from ltstudy.plan.benchmark import HEADER, run_points, write_table
+    from ltstudy.plan.benchmark import HEADER, reestimate, run_points, write_table
+
+    if args.reestimate:
+        path = Path(args.reestimate)
+        rows = reestimate(path)
+        write_table(
+            rows, path.with_suffix(""), path.with_suffix(".md").read_text().split("\n")[0][2:]
+        )
+        print(f"re-estimated {len(rows)} points in {path} and its .md")
+        return 0
 
     points = [
         {
@@ -197,19 +206,20 @@ def cmd_memory(args: argparse.Namespace) -> int:
             "size": size,
             "context": context,
             "mode": mode,
-            "activation_checkpointing": args.checkpointing if mode == "train" else "none",
+            "activation_checkpointing": level,
         }
         for size in args.sizes
         for variant in args.variants
         for mode in args.modes
+        for level in (args.checkpointing if mode == "train" else ["none"])
         for context in args.contexts
     ]
-    print(HEADER, flush=True)
-    rows = run_points(points)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")
     out = Path(args.out) / f"memory-{slug}"
-    write_table(rows, out, f"peak memory on {device}: measured and planned")
+    title = f"peak memory on {device}: measured, and the planner's estimate"
+    print(HEADER, flush=True)
+    run_points(points, on_row=lambda rows: write_table(rows, out, title))
     print(f"wrote {out.with_suffix('.parquet')} and {out.with_suffix('.md')}")
     return 0
 
@@ -300,8 +310,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", nargs="+", default=["demo"])
     p.add_argument("--contexts", nargs="+", type=int, default=[1024, 2048, 4096, 8192, 16384])
     p.add_argument("--modes", nargs="+", default=["train", "prefill"], choices=["train", "prefill"])
-    p.add_argument("--checkpointing", default="none", choices=["none", "full", "selective"])
+    p.add_argument(
+        "--checkpointing", nargs="+", default=["none"], choices=["none", "full", "selective"]
+    )
     p.add_argument("--out", default="results/benchmarks")
+    p.add_argument(
+        "--reestimate",
+        metavar="PARQUET",
+        help="recompute the planner's column of an existing table (keeping the measurements)",
+    )
     p.set_defaults(fn=cmd_memory)
     p = sub.add_parser("stage")
     p.add_argument("stage", choices=["train", "perplexity", "passkey", "ruler", "throughput"])

@@ -128,6 +128,19 @@ def validate_study(
     return config, runs
 
 
+def unrunnable_reason(spec: Mapping[str, Any]) -> str | None:
+    """Why a run's training cannot start with this code, or None: its planned layout splits
+    sequences over ranks (context parallelism), which training does not do yet."""
+    degree = spec.get("layout", {}).get("context", 1)
+    if degree == 1:
+        return None
+    plan = spec.get("plan") or {}
+    return (
+        f"{spec['run_id']} needs context parallelism of degree {degree} to fit "
+        f"({plan.get('detail', '')}); training does not split sequences over ranks yet"
+    )
+
+
 def _check_fit(runs: Mapping[str, Mapping], source: str) -> None:
     """Every run that the planner cannot fit on its GPUs under any layout, named at once."""
     bad = [s for s in runs.values() if (s.get("plan") or {}).get("status") == "does not fit"]

@@ -26,6 +26,7 @@ from typing import Any
 
 import submitit
 
+from ltstudy.config import unrunnable_reason
 from ltstudy.io import read_json, write_json
 
 LAUNCHERS = ("local", "slurm", "debug")
@@ -193,6 +194,10 @@ def launch(
         write_json(status_path(work_dir, stage), status)
 
     write_json(work_dir / "spec.json", payload)
+    reason = unrunnable_reason(payload) if stage == "train" else None
+    if reason:  # refused before a job (and its GPUs) is asked for
+        record(status="failed", reason=reason, finished=time.time())
+        raise LaunchError(reason)
     with claimed_local_gpus(params["gpus_per_node"] if launcher == "local" else 0) as gpus:
         if gpus:
             params["visible_gpus"] = gpus

@@ -33,6 +33,7 @@ from ltstudy.checkpoint import (
     safetensors_source,
     save_checkpoint,
 )
+from ltstudy.config import unrunnable_reason
 from ltstudy.data.dataset import Batch, TokenData
 from ltstudy.device import autocast, configure_threads
 from ltstudy.models.config import ModelConfig
@@ -40,7 +41,6 @@ from ltstudy.models.transformer import build_model, seeded_values
 from ltstudy.parallel import Layout, World, parallelize
 from ltstudy.parallel.distributed import close_world, init_world
 from ltstudy.parallel.materialize import materialize
-from ltstudy.results.schemas import identity, write_table
 
 
 class TrainingInterrupted(RuntimeError):
@@ -155,6 +155,9 @@ class Share:
 def job_layout(spec: Mapping[str, Any], world: World) -> tuple[Layout, Share]:
     """The planned layout, fitted to the world this job actually has (one process when a stage
     is debugged in place, say), and this rank's share of each batch."""
+    reason = unrunnable_reason(spec)
+    if reason:
+        raise ValueError(reason)
     batch = spec["train"]["batch_size"]
     if batch % world.size:
         raise ValueError(
@@ -281,6 +284,8 @@ def train(spec: Mapping[str, Any], on_step: Callable[[int], None] | None = None)
 def _train(
     spec: Mapping[str, Any], world: World, on_step: Callable[[int], None] | None
 ) -> dict[str, Any]:
+    from ltstudy.results.schemas import identity, write_table  # polars: not on a bare GPU image
+
     paths = run_paths(spec)
     cfg = spec["train"]
     tag = spec["run_id"]
@@ -402,7 +407,9 @@ def _train(
 
 
 def load_trained(spec: Mapping[str, Any], device: torch.device) -> torch.nn.Module:
-    """The final trained model of a run, in eval mode (no process group needed)."""
+    """The final trained model of a run, in eval mode (no process group needed). On a GPU a
+    bf16 run's weights are held in bf16, as its training computed with them (half the
+    memory of float32 weights plus autocast's copies)."""
     path = run_paths(spec)["model"]
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: train the run first")
@@ -410,5 +417,7 @@ def load_trained(spec: Mapping[str, Any], device: torch.device) -> torch.nn.Modu
     if metadata.get("config_hash") != spec["config_hash"]:
         raise ValueError(f"{path} was trained with a different configuration; retrain the run")
     model = build_model(json.loads(metadata["model_config"]), seed=None, device="meta")
+    if device.type == "cuda" and spec["train"]["dtype"] == "bf16":
+        model = model.to(torch.bfloat16)
     materialize(model, device, strict(safetensors_source(path), path))
     return model.eval()

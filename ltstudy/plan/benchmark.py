@@ -17,7 +17,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,9 +133,14 @@ def estimate_point(point: Mapping[str, Any], device: str) -> float:
     return estimate.tensors if device == "cuda" else estimate.total
 
 
-def run_points(points: Sequence[Mapping[str, Any]], timeout_s: int = 900) -> list[dict[str, Any]]:
-    """Each point in a fresh `python -m ltstudy.plan.benchmark` process; print as they come."""
-    rows = []
+def run_points(
+    points: Sequence[Mapping[str, Any]],
+    timeout_s: int = 900,
+    on_row: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Each point in a fresh `python -m ltstudy.plan.benchmark` process; print each row as it
+    comes and hand the rows so far to `on_row` (so an interrupted run keeps its table)."""
+    rows: list[dict[str, Any]] = []
     for point in points:
         label = (
             f"{point['variant']:<9} {point['size']:<5} {point['context']:>8} {point['mode']:<8} "
@@ -182,6 +187,21 @@ def run_points(points: Sequence[Mapping[str, Any]], timeout_s: int = 900) -> lis
         speed = f"{row['tokens_per_s']:>10,.0f}" if result else f"{'-':>10}"
         ratio = f"{row['ratio']:6.2f}" if measured else f"{'-':>6}"
         print(f"{label} {shown} {row['estimated_gb']:9.3f} {ratio} {speed}", flush=True)
+        if on_row is not None:
+            on_row(rows)
+    return rows
+
+
+def reestimate(path: Path) -> list[dict[str, Any]]:
+    """The rows of a written table with the planner's estimate computed again."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(path).to_pylist()
+    for row in rows:
+        device = "cpu" if row["device"] == "cpu" else "cuda"
+        row["estimated_gb"] = estimate_point(row, device) / 1e9
+        measured = row["measured_gb"]
+        row["ratio"] = row["estimated_gb"] / measured if measured else None
     return rows
 
 

@@ -5,8 +5,9 @@ storage dies, so running a block's forward and backward on meta tensors (no memo
 arithmetic) gives the bytes it keeps for the backward pass and the peak of what it holds
 meanwhile, exactly as the eager code allocates them. Attention is the one op that differs by
 device: on meta, PyTorch would take the math path and build the [T, T] score matrix, while the
-flash / memory-efficient kernels that run on CUDA and the CPU keep only the output and its
-log-sum-exp; the census stands in an op that allocates what those kernels do.
+flash / memory-efficient kernels keep only the output and its log-sum-exp (on the CPU only
+without a mask: with one it takes the math path too); the census stands in an op that
+allocates what the kernels of the target device do.
 
 Each count is per piece and per token count; the planner fits a line through two token counts
 beyond every chunk and window, where memory grows linearly, and scales it to the run's tokens.
@@ -70,32 +71,35 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-class _FusedAttention(torch.autograd.Function):
-    """What a flash / memory-efficient attention kernel allocates: the output and a float32
-    log-sum-exp per query, kept with q, k, v for the backward; the backward makes dq, dk, dv."""
+class _Attention(torch.autograd.Function):
+    """What SDPA's kernels allocate: flash and memory-efficient attention (CUDA; the CPU
+    without a mask) keep the output and a float32 log-sum-exp per query with q, k, v; the CPU's
+    math path, taken with a mask, also materialises and keeps the [Tq, Tk] weights."""
 
     @staticmethod
-    def forward(ctx, q, k, v):
+    def forward(ctx, q, k, v, weights):
         out = torch.empty_like(q)
-        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
-        ctx.save_for_backward(q, k, v, out, lse)
+        kept = [q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32)]
+        if weights:
+            kept.append(q.new_empty(*q.shape[:-1], k.shape[-2]))
+        ctx.save_for_backward(*kept)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, _, _ = ctx.saved_tensors
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
-    return _FusedAttention.apply(q, k, v)
+        q, k, v = ctx.saved_tensors[:3]
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None
 
 
 @contextlib.contextmanager
-def fused_attention() -> Iterator[None]:
-    """Route F.scaled_dot_product_attention to the fused kernels' memory behaviour."""
+def kernel_attention(device: str) -> Iterator[None]:
+    """Route F.scaled_dot_product_attention to what the kernels on `device` allocate."""
     original = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = _fused_sdpa
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        return _Attention.apply(q, k, v, device == "cpu" and attn_mask is not None)
+
+    F.scaled_dot_product_attention = sdpa
     try:
         yield
     finally:
@@ -120,10 +124,11 @@ class PieceMemory:
 
 def _measure(
     module: torch.nn.Module,
+    device: str,
     run: Callable[[], torch.Tensor],
     grad_like: Callable[[torch.Tensor], None],
 ) -> PieceMemory:
-    with fused_attention(), LiveBytes() as tracker:
+    with kernel_attention(device), LiveBytes() as tracker:
         with torch.no_grad():
             before = tracker.live
             out = run()
@@ -227,25 +232,29 @@ def cache_key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
 
 
-def block_memory(model_json: str, dtype: str, layer: int, tokens: int) -> PieceMemory:
-    """One block at `tokens` tokens (one sequence); inputs are kept outside the count."""
-    key = cache_key("block", model_json, dtype, layer, tokens)
+def block_memory(model_json: str, device: str, dtype: str, layer: int, tokens: int) -> PieceMemory:
+    """One block at `tokens` tokens (one sequence) as it runs on `device` (cpu | cuda);
+    inputs are kept outside the count."""
+    key = cache_key("block", model_json, device, dtype, layer, tokens)
     return PieceMemory(
         *CACHE.get(
-            key, lambda: list(vars(_block_memory(model_json, dtype, layer, tokens)).values())
+            key,
+            lambda: list(vars(_block_memory(model_json, device, dtype, layer, tokens)).values()),
         )
     )
 
 
-def outer_memory(model_json: str, dtype: str, tokens: int) -> PieceMemory:
+def outer_memory(model_json: str, device: str, dtype: str, tokens: int) -> PieceMemory:
     """Everything but the blocks: embeddings, final norm, LM head and the chunked loss."""
-    key = cache_key("outer", model_json, dtype, tokens)
+    key = cache_key("outer", model_json, device, dtype, tokens)
     return PieceMemory(
-        *CACHE.get(key, lambda: list(vars(_outer_memory(model_json, dtype, tokens)).values()))
+        *CACHE.get(
+            key, lambda: list(vars(_outer_memory(model_json, device, dtype, tokens)).values())
+        )
     )
 
 
-def _block_memory(model_json: str, dtype: str, layer: int, tokens: int) -> PieceMemory:
+def _block_memory(model_json: str, device: str, dtype: str, layer: int, tokens: int) -> PieceMemory:
     model = _model(model_json, dtype)
     block = model.layers[layer]
     act = torch.bfloat16 if dtype == "bf16" else torch.float32
@@ -257,10 +266,10 @@ def _block_memory(model_json: str, dtype: str, layer: int, tokens: int) -> Piece
     def run() -> torch.Tensor:
         return block(x, embeddings, rope)
 
-    return _measure(block, run, lambda out: out.backward(torch.empty_like(out)))
+    return _measure(block, device, run, lambda out: out.backward(torch.empty_like(out)))
 
 
-def _outer_memory(model_json: str, dtype: str, tokens: int) -> PieceMemory:
+def _outer_memory(model_json: str, device: str, dtype: str, tokens: int) -> PieceMemory:
     model = _model(model_json, dtype)
     ids = torch.zeros(1, tokens + 1, dtype=torch.long, device="meta")
     layers, model.layers = model.layers, torch.nn.ModuleList()
@@ -269,6 +278,6 @@ def _outer_memory(model_json: str, dtype: str, tokens: int) -> PieceMemory:
         def run() -> torch.Tensor:
             return model.token_losses(ids[:, :-1], ids[:, 1:])
 
-        return _measure(model, run, lambda out: out.sum().backward())
+        return _measure(model, device, run, lambda out: out.sum().backward())
     finally:
         model.layers = layers

@@ -155,7 +155,9 @@ def training_memory(
     n = 0
     for layers in block_kinds(model).values():
         piece = _fit(
-            lambda t, layer=layers[0]: block_memory(key, shape.dtype, layer, t), per_seq, points
+            lambda t, layer=layers[0]: block_memory(key, shape.device, shape.dtype, layer, t),
+            per_seq,
+            points,
         )
         kept, fwd, bwd = (
             shape.micro * x for x in (piece.kept, piece.forward_peak, piece.backward_peak)
@@ -168,7 +170,7 @@ def training_memory(
             transient = max(transient, (kept if checkpointed else 0) + max(fwd, bwd))
             n += 1
     outer_points = anchors(outer_lengths(model), per_seq)
-    outer = _fit(lambda t: outer_memory(key, shape.dtype, t), per_seq, outer_points)
+    outer = _fit(lambda t: outer_memory(key, shape.device, shape.dtype, t), per_seq, outer_points)
     activations += shape.micro * outer.kept
     transient = max(transient, shape.micro * max(outer.forward_peak, outer.backward_peak))
     return _finish(shape.device, state, gathered, activations, transient)
@@ -186,8 +188,12 @@ def prefill_memory(model: Mapping[str, Any], device: str, dtype: str, tokens: in
     stream = 2 * act_bytes * model["d_model"] * tokens  # residual stream and embeddings
     peak = 0
     for layers in block_kinds(model).values():
-        piece = _fit(lambda t, layer=layers[0]: block_memory(key, dtype, layer, t), tokens, points)
+        piece = _fit(
+            lambda t, layer=layers[0]: block_memory(key, device, dtype, layer, t), tokens, points
+        )
         peak = max(peak, piece.inference)
     outer_points = anchors(outer_lengths(model), tokens)
-    peak = max(peak, _fit(lambda t: outer_memory(key, dtype, t), tokens, outer_points).inference)
+    peak = max(
+        peak, _fit(lambda t: outer_memory(key, device, dtype, t), tokens, outer_points).inference
+    )
     return _finish(device, weights, 0.0, stream, peak)

@@ -30,21 +30,23 @@ def plan_table(plans: Sequence[Plan], mfu: float, peak: float, summary: bool = F
         "checkpointing, micro-batch (sequences per rank per forward)",
         "",
     ]
-    if summary:
+    if summary:  # a Markdown table: like runs (same study, size, context, layout) on one line
         lines += [
-            f"{'study':<20} {'runs':>4} {'size':<5} {'context':>7} {'layout':<28} "
-            f"{'GB/GPU':>7} {'GPU-h':>9}  status",
+            "| study | runs | size | context | layout | GB/GPU (max) | GPU-hours | status |",
+            "|---|---:|---|---:|---|---:|---:|---|",
         ]
 
         def key(p: Plan):
             return (p.study, p.size, p.context, _layout(p), _status(p))
 
-        for (study, size, context, layout, status), group in groupby(plans, key=key):
+        order = {study: i for i, study in enumerate(dict.fromkeys(p.study for p in plans))}
+        ordered = sorted(plans, key=lambda p: (order[p.study], *key(p)[1:]))
+        for (study, size, context, layout, status), group in groupby(ordered, key=key):
             group = list(group)
             lines.append(
-                f"{study:<20} {len(group):>4} {size:<5} {context_label(context):>7} "
-                f"{layout:<28} {max(p.estimate.total for p in group) / GB:>7.1f} "
-                f"{sum(p.gpu_hours for p in group):>9,.0f}  {status}"
+                f"| {study} | {len(group)} | {size} | {context_label(context)} | {layout} | "
+                f"{max(p.estimate.total for p in group) / GB:.1f} | "
+                f"{sum(p.gpu_hours for p in group):,.0f} | {status} |"
             )
     else:
         lines.append(

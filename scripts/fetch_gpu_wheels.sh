@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Download, here (with network), the wheels that scripts/gpu_check.sh installs on a GPU
+# machine without network: what ltstudy's GPU path needs beyond the machine's own packages
+# (its image has torch, numpy, pyarrow, pyyaml, safetensors, attrs, pytest; not jsonschema).
+# Then carry .whl/ along (it is git-ignored). PY_VERSION: the GPU machine's Python.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY_VERSION=${PY_VERSION:-3.12}
+mkdir -p .whl
+for pkg in jsonschema jsonschema-specifications referencing rpds-py; do
+  version=$(grep -i "^${pkg}==" requirements.txt | cut -d= -f3)
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PY_VERSION" \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 -d .whl "${pkg}==${version}"
+done
+ls .whl
