@@ -3,6 +3,7 @@ executor's task processes can unpickle them)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -11,6 +12,7 @@ import torch
 
 from ltstudy.data.dataset import TokenData
 from ltstudy.parallel.distributed import World, joined_world
+from ltstudy.parallel.parallelize import canonical_name
 from ltstudy.train import (
     _train,
     build_training_model,
@@ -28,7 +30,8 @@ def full_gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     grads = {}
     for name, param in model.named_parameters():
         grad = param.grad
-        grads[name] = (grad.full_tensor() if isinstance(grad, DTensor) else grad).detach().clone()
+        full = grad.full_tensor() if isinstance(grad, DTensor) else grad
+        grads[canonical_name(name)] = full.detach().clone()
     return grads
 
 
@@ -56,14 +59,19 @@ def first_gradients(
     return seen
 
 
-def train_and_gradients(specs: Sequence[Mapping[str, Any]]) -> list[list[dict]]:
+def train_and_gradients(
+    specs: Sequence[Mapping[str, Any]], hybrid: Sequence[Mapping[str, Any]] = ()
+) -> list[list[dict]]:
     """Train each run to the end (its curve lands in its run folder), then record its first
-    steps' gradients, all in one process group."""
+    steps' gradients, all in one process group. `hybrid` runs only record gradients, with the
+    two ranks taken as two nodes of one rank each (HSDP: replicated across them)."""
     with joined_world() as world:
         out = []
         for spec in specs:
             _train(spec, world, None)
             out.append(first_gradients(spec, world))
+        as_two_nodes = dataclasses.replace(world, nodes=2)
+        out += [first_gradients(spec, as_two_nodes) for spec in hybrid]
         return out
 
 

@@ -62,7 +62,8 @@ def micro_variant_specs(tmp_path, micro_data, variants):
 
 def test_two_ranks_give_the_single_process_curve_and_gradients(tmp_path, micro_data):
     """Every variant, 20 steps in fp32: 2 ranks (2 sequences each, one micro-batch) and 2 ranks
-    x accumulation 2 (micro-batches of 1) against one process (micro-batches of 2)."""
+    x accumulation 2 (micro-batches of 1, and every block checkpointed) against one process
+    (micro-batches of 2); also one variant's gradients with hybrid sharding."""
     base = micro_variant_specs(tmp_path, micro_data, list(VARIANTS))
 
     def copies(name, micro):
@@ -75,7 +76,11 @@ def test_two_ranks_give_the_single_process_curve_and_gradients(tmp_path, micro_d
         return out
 
     single, ranks, accumulated = copies("one", 2), copies("two", 2), copies("accum", 1)
-    job = two_rank_job(tmp_path, train_and_gradients, ranks + accumulated)
+    for spec in accumulated:
+        spec["layout"]["activation_checkpointing"] = "full"
+    (hybrid,) = copies("hybrid", 2)[:1]
+    hybrid["layout"]["hybrid_shard"] = True
+    job = two_rank_job(tmp_path, train_and_gradients, ranks + accumulated, [hybrid])
     with joined_world() as world:  # one process: no process group, the plain model
         reference = []
         for spec in single:
@@ -91,6 +96,9 @@ def test_two_ranks_give_the_single_process_curve_and_gradients(tmp_path, micro_d
                         grads[step][name], expected, rtol=0, atol=1e-6, msg=name
                     )
             assert read_metadata(run_paths(other[index])["model"])["world_size"] == "2"
+    for step in range(2):  # hybrid sharding: base[0]'s variant
+        for name, expected in reference[0][step].items():
+            torch.testing.assert_close(parallel[18][step][name], expected, rtol=0, atol=1e-6)
 
 
 def test_two_rank_job_records_its_world_size(tmp_path, micro_data):

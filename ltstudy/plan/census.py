@@ -3,11 +3,12 @@
 A dispatch mode follows every tensor storage that the pieces allocate and frees it when the
 storage dies, so running a block's forward and backward on meta tensors (no memory, no
 arithmetic) gives the bytes it keeps for the backward pass and the peak of what it holds
-meanwhile, exactly as the eager code allocates them. Attention is the one op that differs by
+meanwhile, exactly as the eager code allocates them. Attention is the op that differs most by
 device: on meta, PyTorch would take the math path and build the [T, T] score matrix, while the
 flash / memory-efficient kernels keep only the output and its log-sum-exp (on the CPU only
 without a mask: with one it takes the math path too); the census stands in an op that
-allocates what the kernels of the target device do.
+allocates what the kernels of the target device do. RMSNorm likewise: CUDA runs one fused
+kernel where meta (and the CPU) decompose it into full-width steps.
 
 Each count is per piece and per token count; the planner fits a line through two token counts
 beyond every chunk and window, where memory grows linearly, and scales it to the run's tokens.
@@ -91,19 +92,42 @@ class _Attention(torch.autograd.Function):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None
 
 
-@contextlib.contextmanager
-def kernel_attention(device: str) -> Iterator[None]:
-    """Route F.scaled_dot_product_attention to what the kernels on `device` allocate."""
-    original = F.scaled_dot_product_attention
+class _FusedRMSNorm(torch.autograd.Function):
+    """What CUDA's fused RMSNorm kernel allocates: the output, and for the backward the input
+    and one float32 reciprocal RMS per row (the decomposition on meta keeps several
+    full-width intermediates instead)."""
 
-    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight, x.new_empty(x.shape[:-1], dtype=torch.float32))
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, _ = ctx.saved_tensors
+        return torch.empty_like(x), torch.empty_like(weight)
+
+
+@contextlib.contextmanager
+def device_kernels(device: str) -> Iterator[None]:
+    """Route the ops whose fused kernels allocate differently from their decomposition on
+    meta to stand-ins that allocate what the kernels on `device` do: scaled-dot-product
+    attention everywhere, RMSNorm on CUDA."""
+    sdpa, rms_norm = F.scaled_dot_product_attention, F.rms_norm
+
+    def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
         return _Attention.apply(q, k, v, device == "cpu" and attn_mask is not None)
 
-    F.scaled_dot_product_attention = sdpa
+    def fused_rms_norm(x, normalized_shape, weight=None, eps=None):
+        return _FusedRMSNorm.apply(x, weight)
+
+    F.scaled_dot_product_attention = attention
+    if device == "cuda":
+        F.rms_norm = fused_rms_norm
     try:
         yield
     finally:
-        F.scaled_dot_product_attention = original
+        F.scaled_dot_product_attention, F.rms_norm = sdpa, rms_norm
 
 
 @dataclass(frozen=True)
@@ -128,7 +152,7 @@ def _measure(
     run: Callable[[], torch.Tensor],
     grad_like: Callable[[torch.Tensor], None],
 ) -> PieceMemory:
-    with kernel_attention(device), LiveBytes() as tracker:
+    with device_kernels(device), LiveBytes() as tracker:
         with torch.no_grad():
             before = tracker.live
             out = run()

@@ -48,16 +48,18 @@ def plan_table(plans: Sequence[Plan], mfu: float, peak: float, summary: bool = F
                 f"{max(p.estimate.total for p in group) / GB:.1f} | "
                 f"{sum(p.gpu_hours for p in group):,.0f} | {status} |"
             )
-    else:
+    else:  # with the estimate's parts: training state, FSDP2 buffers, activations, transient
         lines.append(
-            f"{'run':<48} {'params':>7} {'tokens':>7} {'layout':<28} {'GB/GPU':>7} "
-            f"{'of':>5} {'GPU-h':>9}  status"
+            f"{'run':<46} {'params':>7} {'tokens':>7} {'layout':<28} {'state':>6} "
+            f"{'fsdp':>5} {'acts':>6} {'trans':>6} {'GB/GPU':>7} {'of':>5} {'GPU-h':>8}  status"
         )
         for p in plans:
+            e = p.estimate
             lines.append(
-                f"{p.run_id:<48} {p.params / 1e9:>6.2f}B {p.tokens / 1e9:>6.0f}B {_layout(p):<28} "
-                f"{p.estimate.total / GB:>7.1f} {p.capacity / GB:>5.0f} {p.gpu_hours:>9,.0f}  "
-                f"{_status(p)}"
+                f"{p.run_id:<46} {p.params / 1e9:>6.2f}B {p.tokens / 1e9:>6.0f}B {_layout(p):<28} "
+                f"{e.state / GB:>6.1f} {e.gathered / GB:>5.1f} {e.activations / GB:>6.1f} "
+                f"{e.transient / GB:>6.1f} {e.total / GB:>7.1f} {p.capacity / GB:>5.0f} "
+                f"{p.gpu_hours:>8,.0f}  {_status(p)}"
             )
     fits = sum(p.runnable for p in plans)
     needs = sum(p.status == "needs context parallel" for p in plans)
