@@ -11,7 +11,7 @@ run that cannot fit fails before anything is submitted; `ltstudy plan` prints th
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,18 +90,25 @@ def train_flops(spec: Mapping[str, Any], params: int, checkpointing: str) -> flo
     return (3 + recompute) * forward * spec["train"]["tokens"]
 
 
-def plan_run(
-    spec: Mapping[str, Any],
-    mfu: float = DEFAULT_MFU,
-    peak_tflops: float = DEFAULT_PEAK_TFLOPS,
-) -> Plan:
-    """The layout of a training run and its memory estimate (see the module docstring)."""
+@dataclass(frozen=True)
+class _Candidate:
+    context_parallel: int
+    data_parallel: int
+    activation_checkpointing: str
+    micro_batch_size: int
+    estimate: Estimate
+
+
+def _candidates(spec: Mapping[str, Any], tried: list[str]) -> Iterator[_Candidate]:
+    """Layouts in the order of preference: the smallest context degree, the least
+    recomputation, the largest micro-batch; what cannot even be formed goes to `tried`."""
     layout, resources = spec["layout"], spec["resources"]["train"]
     nodes, per_node = layout["nodes"], layout["tasks_per_node"]
     world = nodes * per_node
     device = "cuda" if resources["gpu"] else "cpu"
     dtype = "bf16" if device == "cuda" and spec["train"]["dtype"] == "bf16" else "fp32"
-    capacity = capacity_bytes({**resources, "tasks_per_node": per_node})
+    grouped = world > 1 or device == "cuda"  # FSDP2 whenever there is a process group
+    shard = (per_node if layout["hybrid_shard"] and nodes > 1 else world) if grouped else 1
     batch, context = spec["train"]["batch_size"], spec["context"]
     if layout["context"] == "auto":
         degrees = [k for k in _divisors_descending(world)[::-1] if k <= context]
@@ -112,81 +119,55 @@ def plan_run(
         if layout["activation_checkpointing"] == "auto"
         else (layout["activation_checkpointing"],)
     )
-    params = parameter_counts(spec["model"])["total"]
-    shard = per_node if layout["hybrid_shard"] and nodes > 1 else world
-    tried: list[str] = []
-    best: tuple | None = None
+    requested = layout["micro_batch_size"]
     for degree in degrees:
         data_parallel = world // degree
         if world % degree or batch % data_parallel:
             tried.append(f"context {degree}: batch {batch} does not split over {data_parallel}")
             continue
         rows = batch // data_parallel
-        requested = layout["micro_batch_size"]
-        if requested in (None, "auto"):
-            micros = _divisors_descending(rows)
-        elif rows % requested:
+        if requested not in (None, "auto") and rows % requested:
             tried.append(
                 f"context {degree}: micro_batch_size {requested} does not divide the {rows} "
                 f"sequences each of {data_parallel} data-parallel ranks gets"
             )
             continue
-        else:
-            micros = [requested]
+        micros = _divisors_descending(rows) if requested in (None, "auto") else [requested]
         for level in levels:
             for micro in micros:
                 tokens = micro * math.ceil(context / degree)
-                shape = Shape(
-                    device,
-                    dtype,
-                    world,
-                    shard if world > 1 or device == "cuda" else 1,
-                    tokens,
-                    micro,
-                )
+                shape = Shape(device, dtype, world, shard, tokens, micro)
                 estimate = training_memory(spec["model"], shape, level)
-                candidate = (degree, data_parallel, level, micro, estimate)
-                if best is None or estimate.total < best[4].total:
-                    best = candidate
-                if estimate.total <= capacity:
-                    status = "fits" if degree == 1 else "needs context parallel"
-                    return _plan(
-                        spec,
-                        params,
-                        nodes,
-                        per_node,
-                        device,
-                        candidate,
-                        capacity,
-                        status,
-                        tried,
-                        mfu,
-                        peak_tflops,
-                    )
-                tried.append(
-                    f"context {degree}, {level}, micro {micro}: {estimate.total / GB:.1f} GB"
-                )
-    if best is None:
+                yield _Candidate(degree, data_parallel, level, micro, estimate)
+
+
+def plan_run(
+    spec: Mapping[str, Any],
+    mfu: float = DEFAULT_MFU,
+    peak_tflops: float = DEFAULT_PEAK_TFLOPS,
+) -> Plan:
+    """The layout of a training run and its memory estimate (see the module docstring): the
+    first candidate that fits, else the one that needs least memory, marked as not fitting."""
+    layout, resources = spec["layout"], spec["resources"]["train"]
+    capacity = capacity_bytes({**resources, "tasks_per_node": layout["tasks_per_node"]})
+    tried: list[str] = []
+    chosen, status = None, "does not fit"
+    for candidate in _candidates(spec, tried):
+        if candidate.estimate.total <= capacity:
+            chosen = candidate
+            status = "fits" if candidate.context_parallel == 1 else "needs context parallel"
+            break
+        if chosen is None or candidate.estimate.total < chosen.estimate.total:
+            chosen = candidate
+        tried.append(
+            f"context {candidate.context_parallel}, {candidate.activation_checkpointing}, "
+            f"micro {candidate.micro_batch_size}: {candidate.estimate.total / GB:.1f} GB"
+        )
+    if chosen is None:
         field = "micro_batch_size" if "micro_batch_size" in " ".join(tried) else "batch_size"
         raise PlanError(f"train.{field}", f"{spec['run_id']}: " + "; ".join(tried))
-    return _plan(
-        spec,
-        params,
-        nodes,
-        per_node,
-        device,
-        best,
-        capacity,
-        "does not fit",
-        tried,
-        mfu,
-        peak_tflops,
-    )
-
-
-def _plan(spec, params, nodes, per_node, device, candidate, capacity, status, tried, mfu, peak):
-    degree, data_parallel, level, micro, estimate = candidate
-    gpu_hours = train_flops(spec, params, level) / (mfu * peak * 1e12) / 3600
+    params = parameter_counts(spec["model"])["total"]
+    flops = train_flops(spec, params, chosen.activation_checkpointing)
     return Plan(
         run_id=spec["run_id"],
         study=spec["study"],
@@ -194,16 +175,16 @@ def _plan(spec, params, nodes, per_node, device, candidate, capacity, status, tr
         context=spec["context"],
         params=params,
         tokens=spec["train"]["tokens"],
-        nodes=nodes,
-        gpus_per_node=per_node,
-        device=device,
-        context_parallel=degree,
-        data_parallel=data_parallel,
-        activation_checkpointing=level,
-        micro_batch_size=micro,
-        estimate=estimate,
+        nodes=layout["nodes"],
+        gpus_per_node=layout["tasks_per_node"],
+        device="cuda" if resources["gpu"] else "cpu",
+        context_parallel=chosen.context_parallel,
+        data_parallel=chosen.data_parallel,
+        activation_checkpointing=chosen.activation_checkpointing,
+        micro_batch_size=chosen.micro_batch_size,
+        estimate=chosen.estimate,
         capacity=capacity,
-        gpu_hours=gpu_hours,
+        gpu_hours=flops / (mfu * peak_tflops * 1e12) / 3600,
         status=status,
         tried=tried,
     )

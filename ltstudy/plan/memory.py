@@ -136,11 +136,27 @@ def _parameter_counts(model_json: str) -> dict[str, Any]:
     return CACHE.get(cache_key("parameters", model_json), count)
 
 
-def training_memory(
-    model: Mapping[str, Any], shape: Shape, checkpointing: str, hybrid_nodes: int = 1
-) -> Estimate:
-    """Peak bytes of one rank in a training step (forward, backward, optimizer)."""
+def _pieces(
+    model: Mapping[str, Any], device: str, dtype: str, tokens: int
+) -> tuple[list[tuple[list[int], PieceMemory]], PieceMemory]:
+    """(layers of each kind with that kind's memory, the loss head's) for one sequence of
+    `tokens` tokens."""
     key = json.dumps(model, sort_keys=True)
+    points = anchors(block_lengths(model), tokens)
+    blocks = [
+        (
+            layers,
+            _fit(lambda t, i=layers[0]: block_memory(key, device, dtype, i, t), tokens, points),
+        )
+        for layers in block_kinds(model).values()
+    ]
+    outer_points = anchors(outer_lengths(model), tokens)
+    outer = _fit(lambda t: outer_memory(key, device, dtype, t), tokens, outer_points)
+    return blocks, outer
+
+
+def training_memory(model: Mapping[str, Any], shape: Shape, checkpointing: str) -> Estimate:
+    """Peak bytes of one rank in a training step (forward, backward, optimizer)."""
     counts = parameter_counts(model)
     act_bytes = 2 if shape.dtype == "bf16" else FLOAT32
     state = STATE_BYTES * counts["total"] / shape.shard
@@ -148,31 +164,20 @@ def training_memory(
     if shape.shard > 1 or shape.device == "cuda":  # FSDP2 whenever there is a process group
         biggest = max(counts["blocks"])
         gathered = act_bytes * (counts["outer"] + 2 * biggest) + FLOAT32 * biggest
-    per_seq = shape.tokens // shape.micro
-    points = anchors(block_lengths(model), per_seq)
+    blocks, outer = _pieces(model, shape.device, shape.dtype, shape.tokens // shape.micro)
     input_bytes = act_bytes * model["d_model"] * shape.tokens
-    activations, transient = 0.0, 0.0
-    n = 0
-    for layers in block_kinds(model).values():
-        piece = _fit(
-            lambda t, layer=layers[0]: block_memory(key, shape.device, shape.dtype, layer, t),
-            per_seq,
-            points,
-        )
-        kept, fwd, bwd = (
-            shape.micro * x for x in (piece.kept, piece.forward_peak, piece.backward_peak)
-        )
+    activations = shape.micro * outer.kept
+    transient = shape.micro * max(outer.forward_peak, outer.backward_peak)
+    for layers, piece in blocks:
+        kept = shape.micro * piece.kept
+        peak = shape.micro * max(piece.forward_peak, piece.backward_peak)
         for index in layers:
-            checkpointed = checkpointing == "full" or (
-                checkpointing == "selective" and index % 2 == 0
-            )
-            activations += input_bytes if checkpointed else kept
-            transient = max(transient, (kept if checkpointed else 0) + max(fwd, bwd))
-            n += 1
-    outer_points = anchors(outer_lengths(model), per_seq)
-    outer = _fit(lambda t: outer_memory(key, shape.device, shape.dtype, t), per_seq, outer_points)
-    activations += shape.micro * outer.kept
-    transient = max(transient, shape.micro * max(outer.forward_peak, outer.backward_peak))
+            if checkpointing == "full" or (checkpointing == "selective" and index % 2 == 0):
+                activations += input_bytes  # and its activations again while recomputed
+                transient = max(transient, kept + peak)
+            else:
+                activations += kept
+                transient = max(transient, peak)
     return _finish(shape.device, state, gathered, activations, transient)
 
 
@@ -180,20 +185,9 @@ def prefill_memory(model: Mapping[str, Any], device: str, dtype: str, tokens: in
     """Peak bytes of a forward pass without gradients over `tokens` tokens on one device (the
     plain model, as evaluation runs it): the weights, the residual stream, the embeddings, and
     the most that one block or the loss head holds at once."""
-    key = json.dumps(model, sort_keys=True)
-    counts = parameter_counts(model)
     act_bytes = 2 if dtype == "bf16" else FLOAT32
-    points = anchors(block_lengths(model), tokens)
-    weights = act_bytes * counts["total"] if device == "cuda" else FLOAT32 * counts["total"]
+    weights = act_bytes * parameter_counts(model)["total"]  # bf16 only on a GPU
     stream = 2 * act_bytes * model["d_model"] * tokens  # residual stream and embeddings
-    peak = 0
-    for layers in block_kinds(model).values():
-        piece = _fit(
-            lambda t, layer=layers[0]: block_memory(key, device, dtype, layer, t), tokens, points
-        )
-        peak = max(peak, piece.inference)
-    outer_points = anchors(outer_lengths(model), tokens)
-    peak = max(
-        peak, _fit(lambda t: outer_memory(key, device, dtype, t), tokens, outer_points).inference
-    )
+    blocks, outer = _pieces(model, device, dtype, tokens)
+    peak = max([outer.inference, *(piece.inference for _, piece in blocks)])
     return _finish(device, weights, 0.0, stream, peak)
