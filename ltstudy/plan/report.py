@@ -17,6 +17,11 @@ def _layout(plan: Plan) -> str:
     )
 
 
+def _count(n: float) -> str:
+    """1.44e9 -> '1.44B', 8.5e5 -> '0.85M'."""
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
 def _status(plan: Plan) -> str:
     if plan.status == "needs context parallel":
         return f"needs context parallel, degree {plan.context_parallel}"
@@ -50,13 +55,13 @@ def plan_table(plans: Sequence[Plan], mfu: float, peak: float, summary: bool = F
             )
     else:  # with the estimate's parts: training state, FSDP2 buffers, activations, transient
         lines.append(
-            f"{'run':<46} {'params':>7} {'tokens':>7} {'layout':<28} {'state':>6} "
+            f"{'run':<46} {'params':>7} {'tokens':>8} {'layout':<28} {'state':>6} "
             f"{'fsdp':>5} {'acts':>6} {'trans':>6} {'GB/GPU':>7} {'of':>5} {'GPU-h':>8}  status"
         )
         for p in plans:
             e = p.estimate
             lines.append(
-                f"{p.run_id:<46} {p.params / 1e9:>6.2f}B {p.tokens / 1e9:>6.0f}B {_layout(p):<28} "
+                f"{p.run_id:<46} {_count(p.params):>7} {_count(p.tokens):>8} {_layout(p):<28} "
                 f"{e.state / GB:>6.1f} {e.gathered / GB:>5.1f} {e.activations / GB:>6.1f} "
                 f"{e.transient / GB:>6.1f} {e.total / GB:>7.1f} {p.capacity / GB:>5.0f} "
                 f"{p.gpu_hours:>8,.0f}  {_status(p)}"
