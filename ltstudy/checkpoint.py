@@ -28,6 +28,7 @@ from torch import nn
 from ltstudy.io import atomic_path, read_json, write_json
 from ltstudy.parallel.distributed import World
 from ltstudy.parallel.materialize import Source, full_parameters
+from ltstudy.parallel.parallelize import canonical_name
 
 _DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -57,7 +58,10 @@ def export_model(
     model: nn.Module, path: str | Path, metadata: Mapping[str, Any], world: World
 ) -> None:
     """Write the consolidated parameters as safetensors (rank 0 writes; every rank gathers)."""
-    entries = [(name, param.dtype, tuple(param.shape)) for name, param in _named_canonical(model)]
+    entries = [
+        (canonical_name(name), param.dtype, tuple(param.shape))
+        for name, param in model.named_parameters()
+    ]
     if not world.is_main:
         for _ in full_parameters(model):
             pass
@@ -65,14 +69,8 @@ def export_model(
     with atomic_path(path) as tmp, open(tmp, "wb") as out:
         header = _header(entries, metadata)
         out.write(struct.pack("<Q", len(header)) + header)
-        for _, value in full_parameters(model):
-            out.write(value.contiguous().cpu().view(torch.uint8).numpy().tobytes())
-
-
-def _named_canonical(model: nn.Module):
-    from ltstudy.parallel.parallelize import canonical_name
-
-    return ((canonical_name(n), p) for n, p in model.named_parameters())
+        for _, value in full_parameters(model):  # one parameter in memory at a time
+            out.write(value.contiguous().cpu().view(torch.uint8).numpy().data)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
