@@ -38,11 +38,13 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def _header(
-    entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Mapping
+    entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Mapping, path
 ) -> bytes:
     header: dict[str, Any] = {"__metadata__": {k: str(v) for k, v in metadata.items()}}
     offset = 0
     for name, dtype, shape in entries:
+        if dtype not in _DTYPES:
+            raise ValueError(f"{path}: cannot write {name}, of dtype {dtype}")
         size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
         header[name] = {
             "dtype": _DTYPES[dtype],
@@ -57,20 +59,35 @@ def _header(
 def export_model(
     model: nn.Module, path: str | Path, metadata: Mapping[str, Any], world: World
 ) -> None:
-    """Write the consolidated parameters as safetensors (rank 0 writes; every rank gathers)."""
+    """Write the consolidated parameters as safetensors: every rank takes part in each
+    parameter's all-gather, rank 0 writes. A write that fails on rank 0 (a full disk, say) is
+    made known to every rank at once, so that none waits on a gather that will not come."""
     entries = [
         (canonical_name(name), param.dtype, tuple(param.shape))
         for name, param in model.named_parameters()
     ]
-    if not world.is_main:
-        for _ in full_parameters(model):
-            pass
-        return
-    with atomic_path(path) as tmp, open(tmp, "wb") as out:
-        header = _header(entries, metadata)
-        out.write(struct.pack("<Q", len(header)) + header)
+    header = _header(entries, metadata, path)  # on every rank: a bad dtype fails everywhere
+    with contextlib.ExitStack() as files:
+        out, failure = None, None
+        if world.is_main:
+            try:
+                out = files.enter_context(open(files.enter_context(atomic_path(path)), "wb"))
+                out.write(struct.pack("<Q", len(header)) + header)
+            except OSError as err:
+                failure = err
+        _raise_on_any_rank(failure, path, world)
         for _, value in full_parameters(model):  # one parameter in memory at a time
-            out.write(value.contiguous().cpu().view(torch.uint8).numpy().data)
+            if out is not None and failure is None:
+                try:
+                    out.write(value.contiguous().cpu().view(torch.uint8).numpy().data)
+                except OSError as err:
+                    failure = err
+            _raise_on_any_rank(failure, path, world)
+
+
+def _raise_on_any_rank(failure: BaseException | None, path: str | Path, world: World) -> None:
+    if world.sum(float(failure is not None)) > 0:
+        raise failure or OSError(f"rank 0 could not write {path}; see its log")
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -80,17 +97,18 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def safetensors_source(path: str | Path, rename=lambda name: name) -> Source:
-    """A materialize() source reading tensors lazily (memory-mapped) from a safetensors file;
-    parameters the file lacks keep their values (e.g. TTT parameters added to a checkpoint)."""
+def safetensors_source(path: str | Path) -> Source:
+    """A materialize() source reading tensors lazily (memory-mapped) from a safetensors file
+    that holds every parameter (a missing one is an error naming the file)."""
     from safetensors import safe_open
 
     handle = safe_open(str(path), framework="pt")
     names = set(handle.keys())
 
-    def source(name: str, param: torch.Tensor) -> torch.Tensor | None:
-        key = rename(name)
-        return handle.get_tensor(key) if key in names else None
+    def source(name: str, param: torch.Tensor) -> torch.Tensor:
+        if name not in names:
+            raise ValueError(f"{path} has no parameter {name!r}")
+        return handle.get_tensor(name)
 
     return source
 
@@ -136,7 +154,7 @@ def save_checkpoint(
         staging.mkdir(parents=True)
     world.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state, "rng": torch.get_rng_state()}
+    state = {"model": model_state, "optim": optim_state, "rng": _rng_state()}
     with _single_process_quiet(world):
         dcp.save(state, checkpoint_id=str(staging), no_dist=not world.grouped)
     world.barrier()
@@ -163,6 +181,16 @@ def latest_checkpoint(root: str | Path, config_hash: str) -> tuple[Path, dict] |
     return None
 
 
+def _rng_state() -> dict[str, torch.Tensor]:
+    """torch's generators. Every rank seeds them alike and nothing in training draws from them
+    (batches and initial weights have seeded generators of their own); they are kept so that
+    anything that does (dropout, say) resumes as it would have run. Rank 0's are saved."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
 def load_checkpoint(
     path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, world: World
 ) -> None:
@@ -172,10 +200,12 @@ def load_checkpoint(
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state, "rng": torch.get_rng_state()}
+    state = {"model": model_state, "optim": optim_state, "rng": _rng_state()}
     with _single_process_quiet(world):
         dcp.load(state, checkpoint_id=str(path), no_dist=not world.grouped)
-    torch.set_rng_state(state["rng"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if "cuda" in state["rng"]:
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
     )

@@ -136,20 +136,14 @@ def run_paths(spec: Mapping[str, Any]) -> dict[str, Path]:
     }
 
 
-def masked_mean(losses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean loss over the positions `mask` marks (0 where it marks none): the answer tokens,
-    or every token that is not padding."""
-    return (losses * mask).sum() / mask.sum().clamp(min=1)
-
-
 @dataclass(frozen=True)
 class Share:
     """This rank's part of every step: which rows of the global batch, in micro-batches of
-    what size, and the weight of each row in the objective."""
+    what size, and the factor that undoes FSDP2's averaging of gradients over the ranks."""
 
     rows: slice
     micro: int
-    weight: float  # 1 / batch, times the world size that FSDP2's gradient averaging divides by
+    ranks: int
 
 
 def job_layout(spec: Mapping[str, Any], world: World) -> tuple[Layout, Share]:
@@ -175,7 +169,7 @@ def job_layout(spec: Mapping[str, Any], world: World) -> tuple[Layout, Share]:
         hybrid_shard=planned["hybrid_shard"],
         param_dtype="bf16" if bf16 else "fp32",
     )
-    share = Share(slice(world.rank * rows, (world.rank + 1) * rows), micro, world.size / batch)
+    share = Share(slice(world.rank * rows, (world.rank + 1) * rows), micro, world.size)
     return layout, share
 
 
@@ -187,7 +181,7 @@ def build_training_model(spec: Mapping[str, Any], layout: Layout, world: World) 
     seeded = seeded_values(cfg, spec["seed"])
     if spec.get("init_from_dir"):
         source = Path(spec["init_from_dir"]) / "model.safetensors"
-        materialize(model, world.device, strict(safetensors_source(source), source))
+        materialize(model, world.device, safetensors_source(source), str(source))
     elif spec["model"].get("pretrained"):
         from ltstudy.models.pretrained import load_weights
 
@@ -197,39 +191,44 @@ def build_training_model(spec: Mapping[str, Any], layout: Layout, world: World) 
     return model
 
 
-def strict(source, path):
-    """A source that names the file when it lacks a parameter."""
-
-    def value(name: str, param: torch.Tensor) -> torch.Tensor:
-        found = source(name, param)
-        if found is None:
-            raise ValueError(f"{path} has no parameter {name!r}")
-        return found
-
-    return value
-
-
 def forward_backward(
-    model: torch.nn.Module, batch: Batch, share: Share, spec: Mapping[str, Any], eos_id: int
+    model: torch.nn.Module,
+    batch: Batch,
+    share: Share,
+    spec: Mapping[str, Any],
+    eos_id: int,
+    counts: tuple[float, float],
 ) -> float:
-    """Accumulate the gradients of this rank's rows in micro-batches; return the sum over rows
-    of each micro-batch's mean loss."""
+    """Accumulate the gradients of this rank's rows in micro-batches; return the sum of their
+    token losses. The objective is the mean over the global batch's tokens (and, weighted,
+    over its answer tokens): each micro-batch's sums are divided by the global `counts`
+    (non-padding tokens, answer tokens), so it does not depend on how the batch is split
+    into ranks and micro-batches."""
     cfg = spec["train"]
     device = next(model.parameters()).device
     answer_weight = cfg["answer_loss_weight"]
+    tokens, answers = (max(c, 1.0) for c in counts)
     reset_at_documents = bool((spec["model"].get("ttt") or {}).get("reset_at_documents"))
     loss_sum = 0.0
     for part, marked, pad in zip(*(x.to(device).split(share.micro) for x in batch), strict=True):
         starts = document_starts(part[:, :-1], eos_id) if reset_at_documents else None
         with autocast(device, cfg["dtype"]):
             losses = model.token_losses(part[:, :-1], part[:, 1:], doc_starts=starts)
-        loss = objective = masked_mean(losses, ~pad[:, 1:])
+        token_sum = (losses * ~pad[:, 1:]).sum()
+        objective = token_sum / tokens
         if answer_weight:
-            answer_mean = masked_mean(losses, marked[:, 1:])
-            objective = (loss + answer_weight * answer_mean) / (1 + answer_weight)
-        (objective * (part.shape[0] * share.weight)).backward()
-        loss_sum += loss.item() * part.shape[0]
+            answer_mean = (losses * marked[:, 1:]).sum() / answers
+            objective = (objective + answer_weight * answer_mean) / (1 + answer_weight)
+        (objective * share.ranks).backward()
+        loss_sum += token_sum.item()
     return loss_sum
+
+
+def batch_counts(batch: Batch, world: World) -> tuple[float, float]:
+    """(non-padding tokens, answer tokens) predicted in the global batch."""
+    _, answers, padding = batch
+    local = (float((~padding[:, 1:]).sum()), float(answers[:, 1:].sum()))
+    return world.sum(local[0]), world.sum(local[1])
 
 
 def train_step(
@@ -250,7 +249,9 @@ def train_step(
     batch = data.sample_batch(
         cfg["batch_size"], spec["context"] + 1, spec["seed"], step, cfg["windows"], share.rows
     )
-    loss = world.sum(forward_backward(model, batch, share, spec, data.eos_id)) / cfg["batch_size"]
+    counts = batch_counts(batch, world)
+    loss_sum = forward_backward(model, batch, share, spec, data.eos_id, counts)
+    loss = world.sum(loss_sum) / max(counts[0], 1.0)
     if before_update is not None:
         before_update(model)
     grad_norm = clip_gradients(model, cfg["grad_clip"])
@@ -306,6 +307,14 @@ def _train(
             "folder built before answers were marked must be deleted and rebuilt)"
         )
     layout, share = job_layout(spec, world)
+    if device.type == "cuda":
+        planned = spec["resources"]["train"]["gpu_memory_gb"]
+        actual = torch.cuda.get_device_properties(device).total_memory / 1e9
+        if actual < 0.97 * planned:
+            log(
+                f"warning: planned for GPUs of {planned:g} GB (resources.train.gpu_memory_gb) "
+                f"but this one has {actual:.0f} GB; the layout may not fit"
+            )
     model = build_training_model(spec, layout, world)
     optimizer = make_optimizer(model, cfg)
     start_step, curve, elapsed = 0, [], 0.0
@@ -419,5 +428,5 @@ def load_trained(spec: Mapping[str, Any], device: torch.device) -> torch.nn.Modu
     model = build_model(json.loads(metadata["model_config"]), seed=None, device="meta")
     if device.type == "cuda" and spec["train"]["dtype"] == "bf16":
         model = model.to(torch.bfloat16)
-    materialize(model, device, strict(safetensors_source(path), path))
+    materialize(model, device, safetensors_source(path), str(path))
     return model.eval()

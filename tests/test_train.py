@@ -22,7 +22,7 @@ from ltstudy.config import validate_config
 from ltstudy.data.dataset import TokenData, build_dataset
 from ltstudy.io import read_json, write_json
 from ltstudy.models.transformer import build_model
-from ltstudy.train import load_trained, lr_at, masked_mean, run_paths, train
+from ltstudy.train import load_trained, lr_at, run_paths, train
 from tests.conftest import micro_spec
 
 # Runs training in a child process, slowed per step so the test can interrupt it mid-run.
@@ -33,6 +33,11 @@ spec = json.load(open(sys.argv[1]))
 train(spec, on_step=lambda step: time.sleep(0.25))
 """
 CURVE_COLUMNS = ["step", "tokens", "loss", "lr", "grad_norm"]
+
+
+def masked_mean(losses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean loss over the positions `mask` marks."""
+    return (losses * mask).sum() / mask.sum().clamp(min=1)
 
 
 def test_lr_warmup_then_cosine():
@@ -215,3 +220,26 @@ def test_preemption_signal_checkpoints_and_submitit_requeues_the_job(tmp_path, m
     assert "Requeued job" in log and f"resuming from step {saved.group(1)}" in log
     assert summary["steps"] == 2000 and paths["model"].exists()
     assert pl.read_parquet(paths["curve"])["step"].to_list() == list(range(1, 2001))
+
+
+def test_objective_does_not_depend_on_the_micro_batch(tmp_path, micro_raw):
+    """Padded one-document windows with weighted answers: the mean runs over the global
+    batch's tokens, so micro-batches of 4 (one forward) and of 1 give the same gradients (the
+    planner picks the micro-batch, and it may change when a run resumes elsewhere)."""
+    from ltstudy.parallel.distributed import joined_world
+    from tests.distributed_jobs import first_gradients
+
+    micro_raw["data"]["synthetic"] = {"fraction": 0.8, "size": 300, "mix": {"passkey": 1}}
+    data_dir = tmp_path / "data"
+    build_dataset(validate_config(micro_raw)["data"], data_dir)
+    grads = {}
+    for micro in (4, 1):
+        spec = micro_spec(tmp_path / str(micro), data_dir, windows="one_document")
+        spec["context"] = 256  # windows longer than the documents: padding differs per row
+        spec["train"]["answer_loss_weight"] = 3.0
+        spec["layout"]["micro_batch_size"] = micro
+        with joined_world() as world:
+            grads[micro] = first_gradients(spec, world)
+    for step in range(2):
+        for name, expected in grads[4][step].items():
+            torch.testing.assert_close(grads[1][step][name], expected, rtol=0, atol=1e-6)

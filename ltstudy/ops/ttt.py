@@ -65,7 +65,7 @@ class _FastWeights(torch.autograd.Function):
                 running = running + _write(zi, vi, eta, tau, order)
         ctx.save_for_backward(z, v, state)
         ctx.settings = (eta, chunk_size, tau, order)
-        final = running.to(state.dtype if state is not None else z.dtype)
+        final = running if state is None else running.to(state.dtype)  # >= float32
         return torch.cat(outputs, dim=1), final
 
     @staticmethod

@@ -31,9 +31,12 @@ def assign_full(param: torch.Tensor, full: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, device: torch.device | str, source: Source) -> None:
+def materialize(
+    model: nn.Module, device: torch.device | str, source: Source, origin: str = "the source"
+) -> None:
     """Allocate a meta model on `device` (nothing to do if it is already there) and fill every
-    parameter from `source`. Tied parameters are filled once, under their first name."""
+    parameter from `source` (`origin` names it in errors). Tied parameters are filled once,
+    under their first name."""
     if any(p.is_meta for p in model.parameters()):
         model.to_empty(device=device)
         if hasattr(model, "tie_weights"):
@@ -44,8 +47,8 @@ def materialize(model: nn.Module, device: torch.device | str, source: Source) ->
             continue
         if tuple(full.shape) != tuple(param.shape):  # a DTensor reports its global shape
             raise ValueError(
-                f"{canonical_name(name)}: shape {tuple(full.shape)} does not match the "
-                f"model's {tuple(param.shape)}"
+                f"{origin}: {canonical_name(name)} has shape {tuple(full.shape)}, the model "
+                f"{tuple(param.shape)}"
             )
         assign_full(param, full)
 

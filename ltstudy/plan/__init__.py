@@ -126,13 +126,14 @@ def _candidates(spec: Mapping[str, Any], tried: list[str]) -> Iterator[_Candidat
             tried.append(f"context {degree}: batch {batch} does not split over {data_parallel}")
             continue
         rows = batch // data_parallel
-        if requested not in (None, "auto") and rows % requested:
+        if requested not in (None, "auto") and rows % requested:  # explicit, must divide
             tried.append(
                 f"context {degree}: micro_batch_size {requested} does not divide the {rows} "
                 f"sequences each of {data_parallel} data-parallel ranks gets"
             )
             continue
-        micros = _divisors_descending(rows) if requested in (None, "auto") else [requested]
+        # auto: every divisor, largest first; a number, or null (the rank's whole share): it
+        micros = _divisors_descending(rows) if requested == "auto" else [requested or rows]
         for level in levels:
             for micro in micros:
                 tokens = micro * math.ceil(context / degree)

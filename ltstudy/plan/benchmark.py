@@ -91,9 +91,10 @@ def measure_point(point: Mapping[str, Any]) -> dict[str, Any]:
             optimizer = make_optimizer(model, spec["train"])
             flags = torch.zeros_like(ids, dtype=torch.bool)
             share = Share(slice(0, 1), 1, world.size)
+            counts = (float(point["context"]), 0.0)
 
             def run() -> None:
-                forward_backward(model, Batch(ids, flags, flags), share, spec, eos_id=0)
+                forward_backward(model, Batch(ids, flags, flags), share, spec, 0, counts)
                 clip_gradients(model, 1.0)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
