@@ -50,6 +50,21 @@ def micro_spec(tmp_path: Path, data_dir: Path, run: str = "micro/full-micro-64",
     return spec
 
 
+def launch_stage(stage: str, spec: dict, outputs=None, launcher: str = "local", **resources):
+    """Launch one stage of a run as the workflow's rules do, on the CPU."""
+    from ltstudy.launch import launch
+
+    return launch(
+        stage,
+        spec,
+        label=spec["run_id"],
+        work_dir=spec["run_dir"],
+        outputs=outputs or {},
+        resources={"gpu": 0, "runtime": 10, **resources},
+        launcher=launcher,
+    )
+
+
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """Run the real workflow (Snakefile of this repo) with `workdir` as its working directory."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}

@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from ltstudy.checkpoint import read_metadata
-from ltstudy.launch import launch, make_executor, read_status, submitit_parameters
+from ltstudy.launch import make_executor, read_status, submitit_parameters
 from ltstudy.models.variants import VARIANTS
 from ltstudy.parallel.distributed import joined_world
 from ltstudy.train import run_paths, train
+from tests.conftest import launch_stage
 from tests.distributed_jobs import first_gradients, slow_train, train_and_gradients
 from tests.test_train import saved_step
 
@@ -108,15 +109,7 @@ def test_two_rank_job_records_its_world_size(tmp_path, micro_data):
     spec["layout"]["tasks_per_node"] = spec["resources"]["train"]["tasks_per_node"] = 2
     reference = spec_for(tmp_path, micro_data, "ttt_swa", "one", micro=2)
     train(reference)
-    launch(
-        "train",
-        spec,
-        label=spec["run_id"],
-        work_dir=spec["run_dir"],
-        outputs={},
-        resources={"gpu": 0, "runtime": 20, "tasks_per_node": 2},
-        launcher="local",
-    )
+    launch_stage("train", spec, tasks_per_node=2, runtime=20)
     assert losses(spec) == pytest.approx(losses(reference), abs=1e-5)
     assert read_status(spec["run_dir"], "train")["world_size"] == 2
     assert read_metadata(run_paths(spec)["model"])["world_size"] == "2"

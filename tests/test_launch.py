@@ -3,10 +3,10 @@
 import polars as pl
 import pytest
 
-from ltstudy.launch import LaunchError, launch, read_status, submitit_parameters
+from ltstudy.launch import LaunchError, read_status, submitit_parameters
 from ltstudy.results.collect import collect_available
 from ltstudy.results.schemas import TABLES
-from tests.conftest import micro_spec
+from tests.conftest import launch_stage, micro_spec
 
 RESOURCES = {
     "gpu": 4,
@@ -50,15 +50,7 @@ def test_local_parameters_always_set_timeout_and_gpus():
 def test_job_runs_a_stage_and_records_status(tmp_path, micro_data, launcher):
     spec = micro_spec(tmp_path, micro_data)
     out = tmp_path / "run" / "throughput.parquet"
-    launch(
-        "throughput",
-        spec,
-        label=spec["run_id"],
-        work_dir=spec["run_dir"],
-        outputs={"table": str(out)},
-        resources={"gpu": 0, "runtime": 10},
-        launcher=launcher,
-    )
+    launch_stage("throughput", spec, {"table": str(out)}, launcher)
 
     table = pl.read_parquet(out)
     assert table.schema == TABLES["throughput"] and table.height == 2 * 3  # contexts x modes
@@ -70,19 +62,9 @@ def test_job_runs_a_stage_and_records_status(tmp_path, micro_data, launcher):
 
 
 def test_failed_job_names_the_run_and_its_log(tmp_path, micro_data):
-    spec = micro_spec(
-        tmp_path, micro_data
-    )  # never trained: there is no model.safetensors to evaluate
+    spec = micro_spec(tmp_path, micro_data)  # never trained: no model.safetensors to evaluate
     with pytest.raises(LaunchError) as err:
-        launch(
-            "perplexity",
-            spec,
-            label=spec["run_id"],
-            work_dir=spec["run_dir"],
-            outputs={"table": str(tmp_path / "run" / "perplexity.parquet")},
-            resources={"gpu": 0, "runtime": 10},
-            launcher="local",
-        )
+        launch_stage("perplexity", spec, {"table": str(tmp_path / "run" / "perplexity.parquet")})
     message = str(err.value)
     assert spec["run_id"] in message and "model.safetensors" in message
     status = read_status(spec["run_dir"], "perplexity")

@@ -10,11 +10,11 @@ import torch
 
 from ltstudy.cli import main
 from ltstudy.config import ConfigError, default_settings, expand_runs, load_study, validate_config
-from ltstudy.launch import LaunchError, launch, read_status
+from ltstudy.launch import LaunchError, read_status
 from ltstudy.models.presets import resolve_model
 from ltstudy.models.transformer import build_model
 from ltstudy.plan.census import LiveBytes, _model, block_kinds, block_memory, outer_memory
-from tests.conftest import ROOT, micro_spec
+from tests.conftest import ROOT, launch_stage, micro_spec
 
 
 @pytest.mark.parametrize("variant", ["full", "swa", "gla", "deltanet", "lact", "ttt_swa"])
@@ -105,15 +105,7 @@ def test_run_that_needs_context_parallelism_is_refused_before_submission(tmp_pat
     spec["layout"]["context"] = 2
     spec["plan"] = {"detail": "at best ..."}
     with pytest.raises(LaunchError, match="context parallelism of degree 2"):
-        launch(
-            "train",
-            spec,
-            label=spec["run_id"],
-            work_dir=spec["run_dir"],
-            outputs={},
-            resources={"gpu": 0, "runtime": 5},
-            launcher="local",
-        )
+        launch_stage("train", spec)
     status = read_status(spec["run_dir"], "train")
     assert status["status"] == "failed" and "context parallelism" in status["reason"]
     assert not (tmp_path / "run" / "logs").exists()  # no job was asked for
