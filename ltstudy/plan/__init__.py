@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ltstudy.plan.memory import GB, Estimate, Shape, parameter_counts, training_memory
@@ -50,7 +50,6 @@ class Plan:
     capacity: float  # bytes one rank may use
     gpu_hours: float
     status: str  # fits | needs context parallel | does not fit
-    tried: list[str] = field(default_factory=list)
 
     @property
     def fits(self) -> bool:
@@ -187,5 +186,4 @@ def plan_run(
         capacity=capacity,
         gpu_hours=flops / (mfu * peak_tflops * 1e12) / 3600,
         status=status,
-        tried=tried,
     )
