@@ -144,10 +144,13 @@ def cmd_throughput(args: argparse.Namespace) -> int:
     frame = benchmark(specs, args.peak_tflops)
     header = (
         f"{'variant':<10} {'size':<6} {'context':>8} {'mode':<8} {'tokens/s':>12} "
-        f"{'memory MB':>10} {'MFU %':>7}"
+        f"{'memory MB':>10} {'MFU %':>7} {'peak TFLOP/s':>12} {'peak from':<9}"
     )
     lines = [
         f"# throughput on {device_name(device)} ({dtype}, batch {args.batch_size})",
+        "",
+        "MFU: FLOPs per token by the PaLM/torchtitan count (train 6·N + 12·L·H·Q·T) over the "
+        "peak, from the GPU's datasheet (dense bf16), measured (a matmul) or given.",
         "",
         "```",
         header,
@@ -159,10 +162,11 @@ def cmd_throughput(args: argparse.Namespace) -> int:
         mfu = f"{100 * row['mfu']:>7.2f}" if ok else f"{'-':>7}"
         lines.append(
             f"{row['variant']:<10} {row['size']:<6} {context_label(row['seq_len']):>8} "
-            f"{row['mode']:<8} {speed} {memory} {mfu}"
+            f"{row['mode']:<8} {speed} {memory} {mfu} {row['peak_tflops']:>12.4g} "
+            f"{row['peak_source']:<9}"
         )
     lines.append("```")
-    print("\n".join(lines[3:-1]))
+    print("\n".join(lines[5:-1]))
     slug = "".join(c if c.isalnum() else "-" for c in device_name(device).lower()).strip("-")
     out = Path(args.out) / f"throughput-{slug}"
     write_table("throughput", frame, out.with_suffix(".parquet"))
@@ -295,7 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: measured)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="device peak for MFU (default: the GPU's datasheet bf16 peak, else measured)",
+    )
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     p.add_argument("--out", default="results/benchmarks")
     p.set_defaults(fn=cmd_throughput)
@@ -321,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.set_defaults(fn=cmd_memory)
     p = sub.add_parser("stage")
-    p.add_argument("stage", choices=["train", "perplexity", "passkey", "ruler", "throughput"])
+    p.add_argument(
+        "stage", choices=["train", "perplexity", "passkey", "ruler", "lm_eval", "throughput"]
+    )
     p.add_argument("run")
     p.add_argument("config", nargs="?", default=DEFAULT_CONFIG)
     p.set_defaults(fn=cmd_stage)

@@ -27,7 +27,9 @@ from ltstudy.models.presets import SIZES, resolve_model
 from ltstudy.models.variants import VARIANTS
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
-STAGES = ("train", "perplexity", "passkey", "ruler", "throughput")
+STAGES = ("train", "perplexity", "passkey", "ruler", "lm_eval", "throughput")
+# lm_eval needs Hugging Face datasets in the local cache, so a study asks for it by name.
+DEFAULT_STAGES = tuple(stage for stage in STAGES if stage != "lm_eval")
 RUN_FIELDS = ("variant", "size", "context", "seed")
 
 
@@ -352,12 +354,34 @@ def _check_choice(value: str, known: Mapping, field: str, what: str, source: str
 
 
 @functools.cache
-def _ruler_prompt_fits(task: str, tokenizer: str, length: int) -> bool:
+def _ruler_prompt_fits(task: str, tokenizer: str, length: int, max_new_tokens: int | None) -> bool:
     try:
-        check_length(task, get_tokenizer(tokenizer), length)
+        check_length(task, get_tokenizer(tokenizer), length, max_new_tokens)
     except ValueError:
         return False
     return True
+
+
+def _check_fast_weight_chunk(model: Mapping[str, Any], where: str) -> None:
+    """Fast weights beside a sliding window (ttt_swa, lact) are written once per chunk, so a
+    token late in a chunk reaches the chunk's first tokens only through the window: the window
+    must cover the chunk."""
+    window = model.get("swa_window")
+    if window is None:
+        return
+    chunks = []
+    if model.get("ttt"):
+        chunks.append(("model.ttt.chunk_size", model["ttt"]["chunk_size"]))
+    if model["variant"] == "lact":
+        chunks.append(("model.lact.chunk_size", model["mixer"]["chunk_size"]))
+    for field, chunk in chunks:
+        if chunk > window:
+            raise ConfigError(
+                f"{where}: config field `{field}`: {chunk} is longer than the sliding window "
+                f"`model.swa_window` {window}; a token late in a chunk could reach the chunk's "
+                "first tokens neither through the window nor through the fast weights (written "
+                "when the chunk ends): use a chunk no longer than the window"
+            )
 
 
 def resolve_run(config: Mapping, study: Mapping, name: str, settings: dict, source: str) -> dict:
@@ -376,6 +400,10 @@ def resolve_run(config: Mapping, study: Mapping, name: str, settings: dict, sour
         raise ConfigError(f"{source}: config field `size`: {err.args[0]}") from None
     except ValueError as err:
         raise ConfigError(f"{source}: config field `model`: {err}") from None
+    _check_fast_weight_chunk(model, f"{source}: {study['name']}/{name}")
+    if model["ttt"] and model["ttt"].get("reset_at_documents"):
+        tokenizer = study_data(config, study)["tokenizer"]
+        model["ttt"]["document_separator"] = get_tokenizer(tokenizer).eos_id
 
     train = dict(settings["train"])
     tokens_per_step = train["batch_size"] * settings["context"]
@@ -415,6 +443,13 @@ def resolve_run(config: Mapping, study: Mapping, name: str, settings: dict, sour
             f"{source}: config field `evaluate.perplexity.stride`: {perplexity['stride']} is "
             f"longer than the shortest length {min(perplexity['lengths'])}"
         )
+    if "final_block" in perplexity["protocols"] and perplexity["block"] >= max(
+        perplexity["lengths"]
+    ):
+        raise ConfigError(
+            f"{source}: config field `evaluate.perplexity.block`: {perplexity['block']} leaves "
+            f"no context in a window of the longest length {max(perplexity['lengths'])}"
+        )
     data = study_data(config, study)
     _check_answer_weight(settings["train"], data, source)
     shortest = min_prompt_length(get_tokenizer(data["tokenizer"]))
@@ -426,17 +461,22 @@ def resolve_run(config: Mapping, study: Mapping, name: str, settings: dict, sour
         )
 
     for task in evaluate["ruler"]["tasks"]:
-        if not _ruler_prompt_fits(task, data["tokenizer"], min(evaluate["ruler"]["lengths"])):
+        if not _ruler_prompt_fits(
+            task,
+            data["tokenizer"],
+            min(evaluate["ruler"]["lengths"]),
+            evaluate["ruler"]["max_new_tokens"],
+        ):
             raise ConfigError(
                 f"{source}: config field `evaluate.ruler.lengths`: "
                 f"{min(evaluate['ruler']['lengths'])} tokens cannot hold a {task} prompt"
             )
 
-    stages = list(study.get("stages", STAGES))
-    if {"passkey", "perplexity", "ruler"} & set(stages) and "train" not in stages:
+    stages = list(study.get("stages", DEFAULT_STAGES))
+    if {"passkey", "perplexity", "ruler", "lm_eval"} & set(stages) and "train" not in stages:
         raise ConfigError(
-            f"{source}: config field `stages`: perplexity, passkey and ruler evaluate a trained "
-            "model, so `train` must be a stage too"
+            f"{source}: config field `stages`: perplexity, passkey, ruler and lm_eval evaluate "
+            "a trained model, so `train` must be a stage too"
         )
     results_dir = config.get("results_dir", "results")
     run_id = f"{study['name']}/{name}"

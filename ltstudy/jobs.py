@@ -27,6 +27,10 @@ def run_stage(stage: str, payload: Mapping[str, Any], outputs: Mapping[str, str]
         from ltstudy.evaluate.ruler_eval import evaluate_ruler
 
         return evaluate_ruler(payload, outputs["table"])
+    if stage == "lm_eval":
+        from ltstudy.evaluate.lm_eval import evaluate_lm_eval
+
+        return evaluate_lm_eval(payload, outputs["table"])
     if stage == "throughput":
         from ltstudy.evaluate.throughput import evaluate_throughput
 

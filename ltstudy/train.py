@@ -99,14 +99,6 @@ class StopSignals:
             previous(self.received, None)
 
 
-def document_starts(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """True where a new document begins: after an end-of-document token (and at position 0)."""
-    starts = torch.zeros_like(ids, dtype=torch.bool)
-    starts[:, 1:] = ids[:, :-1] == eos_id
-    starts[:, 0] = True
-    return starts
-
-
 def _format_duration(seconds: float) -> str:
     seconds = int(seconds)
     h, rem = divmod(seconds, 3600)
@@ -196,24 +188,22 @@ def forward_backward(
     batch: Batch,
     share: Share,
     spec: Mapping[str, Any],
-    eos_id: int,
     counts: tuple[float, float],
 ) -> float:
     """Accumulate the gradients of this rank's rows in micro-batches; return the sum of their
     token losses. The objective is the mean over the global batch's tokens (and, weighted,
     over its answer tokens): each micro-batch's sums are divided by the global `counts`
     (non-padding tokens, answer tokens), so it does not depend on how the batch is split
-    into ranks and micro-batches."""
+    into ranks and micro-batches. TTT layers with `reset_at_documents` restart at the
+    documents the model finds in the ids (after each end-of-document token)."""
     cfg = spec["train"]
     device = next(model.parameters()).device
     answer_weight = cfg["answer_loss_weight"]
     tokens, answers = (max(c, 1.0) for c in counts)
-    reset_at_documents = bool((spec["model"].get("ttt") or {}).get("reset_at_documents"))
     loss_sum = 0.0
     for part, marked, pad in zip(*(x.to(device).split(share.micro) for x in batch), strict=True):
-        starts = document_starts(part[:, :-1], eos_id) if reset_at_documents else None
         with autocast(device, cfg["dtype"]):
-            losses = model.token_losses(part[:, :-1], part[:, 1:], doc_starts=starts)
+            losses = model.token_losses(part[:, :-1], part[:, 1:])
         token_sum = (losses * ~pad[:, 1:]).sum()
         objective = token_sum / tokens
         if answer_weight:
@@ -250,7 +240,7 @@ def train_step(
         cfg["batch_size"], spec["context"] + 1, spec["seed"], step, cfg["windows"], share.rows
     )
     counts = batch_counts(batch, world)
-    loss_sum = forward_backward(model, batch, share, spec, data.eos_id, counts)
+    loss_sum = forward_backward(model, batch, share, spec, counts)
     loss = world.sum(loss_sum) / max(counts[0], 1.0)
     if before_update is not None:
         before_update(model)

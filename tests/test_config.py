@@ -15,7 +15,7 @@ def test_micro_config_expands(micro_raw):
     assert spec["train"]["lr"] == 3.0e-3 and spec["train"]["weight_decay"] == 0.1  # default
     assert spec["model"]["swa_window"] == 8 and spec["model"]["ttt"]["layers"] == [0, 1]
     assert runs["micro/full-micro-64"]["model"]["ttt"] is None
-    assert spec["stages"] == ["train", "perplexity", "passkey", "ruler", "throughput"]
+    assert spec["stages"] == ["train", "perplexity", "passkey", "ruler", "lm_eval", "throughput"]
 
 
 def test_shipped_configs_are_valid():
@@ -136,3 +136,34 @@ def test_ruler_lengths_too_short_for_a_task_fail_at_once(micro_raw):
     micro_raw["defaults"]["evaluate"]["ruler"]["lengths"] = [300]
     with pytest.raises(ConfigError, match=r"evaluate\.ruler\.lengths.*300 tokens cannot hold"):
         validate_config(micro_raw)
+
+
+@pytest.mark.parametrize(
+    "variant, mutate, field",
+    [
+        ("ttt_swa", lambda m: m["ttt"].update(chunk_size=16), "`model.ttt.chunk_size`: 16"),
+        ("lact", lambda m: m.update(lact={"chunk_size": 16}), "`model.lact.chunk_size`: 16"),
+    ],
+)
+def test_fast_weight_chunk_longer_than_the_window_fails(micro_raw, variant, mutate, field):
+    """A token late in a chunk reaches the chunk's first tokens only through the window
+    (the fast weights are written when the chunk ends): chunk <= swa_window (8 at micro)."""
+    micro_raw["studies"][0]["grid"]["variant"] = [variant]
+    mutate(micro_raw["defaults"]["model"])
+    with pytest.raises(ConfigError) as err:
+        validate_config(micro_raw)
+    message = str(err.value)
+    assert f"micro/{variant}-micro-64" in message and field in message
+    assert "`model.swa_window` 8" in message
+    mutate_to_window = {"ttt_swa": {"ttt": {"chunk_size": 8}}, "lact": {"lact": {"chunk_size": 8}}}
+    micro_raw["defaults"]["model"].update(mutate_to_window[variant])
+    validate_config(micro_raw)  # a chunk as long as the window is fine
+
+
+def test_document_reset_knows_the_tokenizers_end_of_document(micro_raw):
+    from ltstudy.data.tokenizer import ByteTokenizer
+
+    micro_raw["defaults"]["model"]["ttt"]["reset_at_documents"] = True
+    ttt = expand_runs(validate_config(micro_raw))["micro/ttt_swa-micro-64"]["model"]["ttt"]
+    assert ttt["document_separator"] == ByteTokenizer.eos_id
+    assert ttt["clip_order"] == "before_eta" and ttt["clip_at"] == "inference"

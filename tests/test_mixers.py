@@ -1,6 +1,9 @@
 """Every mixer: chunkwise form = recurrent form (values and gradients, float64), decoding token
 by token through the cache = one full forward pass, and analytic parameter counts = modules."""
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -106,7 +109,7 @@ def test_lact_analytic_update_equals_autograd(T, chunk):
     fast = lact(q, k, v, lr, (w1, w2, w3), chunk)
     slow = lact_reference(q, k, v, lr, (w1, w2, w3), chunk)
     torch.testing.assert_close(fast[0], slow[0], rtol=1e-9, atol=1e-10)
-    for a, b in zip(fast[1], slow[1], strict=True):
+    for a, b in zip(fast[1].weights, slow[1].weights, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
     grad = torch.randn_like(fast[0])
     inputs = (q, k, v, lr, w1, w2, w3)
@@ -190,3 +193,103 @@ def test_greedy_decoding_with_the_cache_matches_recomputing_the_prefix():
             expected.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
             ids.append(expected[-1])
     assert greedy_decode(model, prompt, 20, "fp32") == expected
+
+
+def rms_norm_reference(x, weight, eps, group_size):
+    """RMSNorm over groups of `group_size` channels, written out: x / sqrt(mean(x²) + eps) · w."""
+    groups = x.view(*x.shape[:-1], -1, group_size)
+    normed = groups / torch.sqrt(groups.pow(2).mean(-1, keepdim=True) + eps)
+    return normed.flatten(-2) * weight
+
+
+@pytest.mark.parametrize("n_groups", [1, 2])
+def test_mamba2_output_norm_gates_before_normalising(n_groups):
+    """mamba_ssm's Mamba2 uses RMSNormGated(norm_before_gate=False, group_size=d_inner /
+    n_groups): RMSNorm(y·silu(z))·w, each group normalised on its own."""
+    settings = default_settings()["model"]
+    settings["mamba2"]["n_groups"] = n_groups
+    cfg = ModelConfig.from_dict(resolve_model("mamba2", "micro", settings, context=64))
+    mixer = mixer_class("mamba2")(cfg, 0).double()
+    inner = cfg.mixer["n_heads"] * cfg.mixer["head_dim"]
+    y, z, w = rand(2, 5, inner, seed=40), rand(2, 5, inner, seed=41), rand(inner, seed=42)
+    with torch.no_grad():
+        mixer.norm.weight.copy_(w)
+    expected = rms_norm_reference(y * z * torch.sigmoid(z), w, cfg.norm_eps, inner // n_groups)
+    torch.testing.assert_close(mixer.norm(y, z), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", ["deltanet", "gla"])
+def test_deltanet_and_gla_output_norms_normalise_then_gate(variant):
+    """FLA's Gated DeltaNet and GLA: RMSNorm(o)·w·silu(g) per head."""
+    settings = default_settings()["model"]
+    cfg = ModelConfig.from_dict(resolve_model(variant, "micro", settings, context=64))
+    mixer = mixer_class(variant)(cfg, 0).double()
+    dim = mixer.o_norm.weight.shape[0]
+    o, g, w = rand(2, 5, 3, dim, seed=43), rand(2, 5, 3, dim, seed=44), rand(dim, seed=45)
+    with torch.no_grad():
+        mixer.o_norm.weight.copy_(w)
+    expected = rms_norm_reference(o, w, cfg.norm_eps, dim) * g * torch.sigmoid(g)
+    torch.testing.assert_close(mixer.o_norm(o, g), expected, rtol=1e-12, atol=1e-12)
+
+
+EOS = 256  # the byte tokenizer's end-of-document id
+
+
+def without_reset(model):
+    """The same weights with `reset_at_documents` off."""
+    off = copy.deepcopy(model)
+    ttt = dataclasses.replace(model.cfg.ttt, reset_at_documents=False)
+    off.cfg = dataclasses.replace(model.cfg, ttt=ttt)
+    for layer in off.layers:
+        layer.mlp.ttt = ttt
+    return off
+
+
+def strong_targets(model):
+    """W_target well away from its small diagonal init, so the fast weights change outputs
+    far beyond rounding."""
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.mlp.ttt_proj.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(6))
+
+
+def test_evaluation_resets_fast_weights_at_documents():
+    """Two documents joined by EOS, evaluated as one sequence: with the reset, the second
+    document's losses are those of the second document evaluated alone. The token mixers are
+    silenced (o_proj = 0) so that the fast weights are the only path between tokens."""
+    model = micro_model("ttt_full", reset_at_documents=True, document_separator=EOS)
+    strong_targets(model)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+    g = torch.Generator().manual_seed(4)
+    first, second = torch.randint(0, EOS, (21,), generator=g), torch.randint(0, EOS, (30,))
+    ids = torch.cat([first, torch.tensor([EOS]), second])[None]
+    start = first.numel() + 1  # not a multiple of the chunk (16): chunks restart there
+    with torch.no_grad():
+        packed = model.token_losses(ids[:, :-1], ids[:, 1:])[0, start:]
+        alone = model.token_losses(second[None, :-1], second[None, 1:])[0]
+        leaked = without_reset(model).token_losses(ids[:, :-1], ids[:, 1:])[0, start:]
+    torch.testing.assert_close(packed, alone, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(leaked, alone)  # without the reset the first document leaks in
+
+
+def test_cached_decoding_resets_fast_weights_at_documents():
+    """Decoding through the cache restarts the fast weights where the uncached forward does,
+    also when a call ends with EOS (the next call's first token starts a document), with
+    the rows of a batch starting documents at different places."""
+    model = micro_model("ttt_swa", reset_at_documents=True, document_separator=EOS)
+    strong_targets(model)
+    ids = torch.randint(0, EOS, (2, 45), generator=torch.Generator().manual_seed(5))
+    ids[0, 18] = ids[0, 41] = ids[1, 30] = EOS  # 18 ends the prefill, 30 a one-token call
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache()
+        pieces = [model(ids[:, :19], cache)]
+        pieces += [model(ids[:, t : t + 1], cache) for t in range(19, 40)]
+        pieces.append(model(ids[:, 40:], cache))
+        leaked = without_reset(model)(ids)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-10, atol=1e-10)
+    assert torch.equal(full[:, :19], leaked[:, :19])  # the first documents alike
+    assert not torch.allclose(full[0, 19:], leaked[0, 19:])  # the reset is in use
+    assert not torch.allclose(full[1, 31:], leaked[1, 31:])

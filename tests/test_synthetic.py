@@ -60,10 +60,17 @@ def test_passkey_document_hides_the_key_and_marks_it_after_the_question():
         text, [(start, end)] = passkey_document(rng, FILLERS, 400)
         key, period = text[start : end - 1], text[end - 1]
         needle = NEEDLE.format(key=key)
-        assert (
-            key.isdigit() and period == "." and len(text) <= 400 and text.startswith(PASSKEY_LEAD)
-        )
-        assert text.endswith(f"{QUESTION} {key}. ") and text.index(needle) < start
+        assert key.isdigit() and period == "." and len(text) <= 400
+        # the evaluation's (Landmark's) layout: lead, filler, needle, filler, question, by "\n",
+        # the filler whole sentences
+        lead, before, line, after, question = text.split("\n")
+        assert lead == PASSKEY_LEAD and line == needle and question == f"{QUESTION} {key}."
+        for filler in (before, after):
+            rest = filler
+            while rest:
+                sentence = next(f.strip() for f in FILLERS if rest.startswith(f.strip()))
+                rest = rest[len(sentence) :].lstrip(" ")
+        assert text.index(needle) < start
         assert text.count(key) == 3  # twice in the needle, once as the answer
         distances.add((start - text.index(needle)) // 50)
         lengths.add(len(text) // 50)
@@ -109,6 +116,7 @@ def test_dataset_marks_exactly_the_answer_tokens(micro_raw, tmp_path):
     answers = 0
     for row, mask in zip(tokens.tolist(), marked.tolist(), strict=True):
         edges = [i for i in range(1, len(row)) if mask[i] != mask[i - 1]]
+        edges = edges[1:] if mask[0] else edges  # a window can start inside an answer
         for start, end in zip(edges[::2], edges[1::2], strict=False):  # runs inside the window
             value, before = decode(row[start:end]), decode(row[:start])
             assert re.fullmatch(r"\d+\.", value) and re.search(r"(is|=|it is) $", before), (

@@ -1,6 +1,8 @@
 """In-Place TTT: the prefix-sum form equals the sequential apply-then-update loop, and a TTT
 model at initialisation computes exactly its backbone's logits."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ from ltstudy.config import default_settings
 from ltstudy.models.config import ModelConfig
 from ltstudy.models.presets import resolve_model
 from ltstudy.models.transformer import build_model
-from ltstudy.models.ttt import TargetConv
+from ltstudy.models.ttt import InPlaceTTTMLP, TargetConv
 from ltstudy.ops.ttt import inplace_ttt, inplace_ttt_reference
 
 TTT = {**default_settings()["model"]["ttt"], "chunk_size": 16, "eta": 0.5, "every": 1}
@@ -106,3 +108,43 @@ def test_ttt_layers_selected_every_k():
     cfg = ModelConfig.from_dict(resolve_model("ttt_full", "500M", {"ttt": {**TTT, "every": 6}}))
     assert cfg.ttt.layers == (0, 6, 12, 18)
     assert [cfg.has_ttt(i) for i in range(8)] == [True] + [False] * 5 + [True, False]
+
+
+def _ttt_mlp(**ttt):
+    """A TTT MLP (float64) with a random target conv and W_target, so its writes are large."""
+    cfg = ModelConfig.from_dict(resolve_model("ttt_full", "micro", {"ttt": {**TTT, **ttt}}))
+    mlp = InPlaceTTTMLP(cfg.d_model, cfg.d_ff, cfg.ttt).double()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in (mlp.ttt_conv.weight, mlp.ttt_proj.weight):
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return mlp
+
+
+def _second_chunk(mlp, x, emb, write):
+    """The paper's apply-then-update by hand: chunk 2 reads W_down + `write`(ΔW_1), where
+    ΔW_1 = V̂_1ᵀ Z_1 is chunk 1's update before η."""
+    C = mlp.ttt.chunk_size
+    z, v = mlp.activations(x), mlp.target(emb)
+    delta = v[0, :C].T @ z[0, :C]
+    return z[0, C : 2 * C] @ (mlp.down_proj.weight + write(delta)).T
+
+
+def test_clipping_defaults_to_the_papers_rule():
+    """The paper rescales ΔW_i (before η) to Frobenius norm τ, and only at inference."""
+    assert TTT["clip_order"] == "before_eta" and TTT["clip_at"] == "inference"
+    eta, tau = 0.5, 1e-3
+    mlp = _ttt_mlp(eta=eta, clip_tau=tau)
+    g = torch.Generator().manual_seed(8)
+    d = mlp.ttt_proj.weight.shape[0]
+    x = torch.randn(1, 32, d, generator=g, dtype=torch.float64)
+    emb = torch.randn(1, 32, d, generator=g, dtype=torch.float64)
+    clipped = _second_chunk(mlp, x, emb, lambda d: eta * tau * d / torch.linalg.matrix_norm(d))
+    free = _second_chunk(mlp, x, emb, lambda d: eta * d)
+    assert not torch.allclose(clipped, free)
+    with torch.no_grad():  # inference: eval mode, or no autograd
+        torch.testing.assert_close(mlp.eval()(x, emb)[0, 16:], clipped)
+        torch.testing.assert_close(mlp.train()(x, emb)[0, 16:], clipped)
+    torch.testing.assert_close(mlp.train()(x, emb)[0, 16:], free)  # training: no clipping
+    mlp.ttt = dataclasses.replace(mlp.ttt, clip_at="always")
+    torch.testing.assert_close(mlp.train()(x, emb)[0, 16:], clipped)

@@ -86,14 +86,13 @@ class _ShardWriter:
 
 
 def encode_document(tokenizer, doc: Document) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids of a document (EOS appended) and the token spans of its marked answers.
+    """Token ids of a document (the tokenizer's BOS first, if it has one, as transformers
+    encodes a text; EOS appended) and the token spans of its marked answers.
 
     A document with answers is encoded piece by piece, cut at the answers' edges, so that each
     answer is exactly a run of tokens.
     """
-    if not doc.answers:
-        return [*tokenizer.encode(doc.text), tokenizer.eos_id], []
-    tokens: list[int] = []
+    tokens = tokenizer.with_bos([])
     spans: list[tuple[int, int]] = []
     position = 0
     for start, end in sorted(doc.answers):

@@ -75,26 +75,30 @@ def recall_document(
     return text, answers
 
 
-PASSKEY_LEAD = "Remember the pass key. "
+PASSKEY_LEAD = "Remember the pass key."
 
 
 def passkey_document(
     rng: random.Random, fillers: Sequence[str], size: int
 ) -> tuple[str, list[Span]]:
-    """A passkey prompt of random length up to `size` characters: a short lead-in, filler
-    sentences with the passkey evaluation's needle at a random depth, then its question and
-    the key. The key is random and the filler is training text, so the evaluation still
-    measures recall. Lengths are uniform, so many needles sit close to their question: the
-    short distances a small model learns to copy over first."""
+    """A passkey prompt of random length up to `size` characters, in the evaluation's format:
+    a short lead-in, whole filler sentences with the evaluation's needle between two of them,
+    the question and the key, "\n"-joined as Landmark's prompt. The key is random and the
+    filler is training text, so the evaluation still measures recall. Lengths are uniform, so
+    many needles sit close to their question: the short distances a small model learns to copy
+    over first."""
     key = str(rng.randint(1, 99999))
     needle = NEEDLE.format(key=key)
-    answer = QUESTION + " {v}. "
-    fixed = len(PASSKEY_LEAD) + len(needle) + len(answer.format(v=key))
+    answer = QUESTION + " {v}."
+    fixed = len(PASSKEY_LEAD) + len(needle) + len(answer.format(v=key)) + 4  # four "\n"
     budget = rng.randint(0, max(0, size - fixed))
-    filler = "".join(_filler(rng, fillers, budget))[:budget]
-    cut = rng.randint(0, budget)
-    text = PASSKEY_LEAD + filler[:cut] + needle + filler[cut:]
-    text, span = _with_answer(text, answer, key)
+    sentences: list[str] = []
+    for sentence in _filler(rng, [f.strip() for f in fillers], budget):
+        if sum(len(s) + 1 for s in sentences) + len(sentence) <= budget:
+            sentences.append(sentence)
+    cut = rng.randint(0, len(sentences))
+    lines = [PASSKEY_LEAD, " ".join(sentences[:cut]), needle, " ".join(sentences[cut:]), ""]
+    text, span = _with_answer("\n".join(lines), answer, key)
     return text, [span]
 
 

@@ -1,1 +1,2 @@
-"""Evaluations of a run: perplexity, passkey retrieval, throughput."""
+"""Evaluations of a run: perplexity, passkey retrieval, RULER, lm-evaluation-harness tasks and
+throughput."""

@@ -22,9 +22,14 @@ from ltstudy.results.schemas import identity, write_table
 
 @torch.no_grad()
 def greedy_decode(
-    model: torch.nn.Module, prompt: list[int], max_new_tokens: int, dtype: str
+    model: torch.nn.Module,
+    prompt: list[int],
+    max_new_tokens: int,
+    dtype: str,
+    eos_id: int | None = None,
 ) -> list[int]:
-    """Greedy continuation: one prefill of the prompt, then one token at a time via the cache."""
+    """Greedy continuation: one prefill of the prompt, then one token at a time via the cache,
+    up to (not including) `eos_id`: what follows the end of a document is not an answer."""
     device = next(model.parameters()).device
     cache = model.new_cache()
     ids = torch.tensor([prompt], device=device)
@@ -32,8 +37,11 @@ def greedy_decode(
     for _ in range(max_new_tokens):
         with autocast(device, dtype):
             logits = model(ids, cache)[0, -1]
-        out.append(int(logits.argmax()))
-        ids = torch.tensor([[out[-1]]], device=device)
+        token = int(logits.argmax())
+        if token == eos_id:
+            break
+        out.append(token)
+        ids = torch.tensor([[token]], device=device)
     return out
 
 
@@ -53,7 +61,9 @@ def evaluate_passkey(spec: Mapping[str, Any], out_path: str) -> None:
             correct = 0
             for depth, trial, key in trials:
                 prompt, distance = passkey_prompt(tokenizer, length, depth, key)
-                new = greedy_decode(model, prompt, cfg["max_new_tokens"], spec["train"]["dtype"])
+                new = greedy_decode(
+                    model, prompt, cfg["max_new_tokens"], spec["train"]["dtype"], tokenizer.eos_id
+                )
                 prediction = first_integer(tokenizer.decode(new))
                 correct += prediction == str(key)
                 rows.append(

@@ -1,10 +1,17 @@
 """Perplexity by three protocols, at each evaluation length and position method.
 
-stride       Hugging Face's sliding window: windows of `length` tokens move by `stride`; each
-             scores only tokens no earlier window scored (the overlap is labelled -100), so
-             every token counts once; perplexity = exp(total NLL / scored tokens).
+Every protocol reads windows of `length` tokens, so at length = context no position lies beyond
+the training context; a window's first token has no context, so it is never scored.
+
+stride       Hugging Face's sliding window: windows of `length` tokens move by `stride`
+             (<= length); each scores only tokens no earlier window scored (the overlap is
+             labelled -100), so every token counts once, after at least length - stride
+             tokens of its window (fewer in the first window; a token that opens a window
+             with nothing before it is not scored); perplexity = exp(NLL / scored tokens).
 final_block  The In-Place TTT paper's protocol: the perplexity of a fixed final block of each
-             long validation document as the context before it grows (`length` tokens).
+             long validation document as the context before it grows: the window is the
+             document's last `length` tokens, `block` of them scored after length - block
+             tokens of context.
 by_position  Loss by token position: mean NLL per position bucket over the first `length`
              tokens of long validation documents (recurrent models are judged this way).
 """
@@ -37,17 +44,24 @@ def sliding_window_nll(
     model: torch.nn.Module, tokens: Tensor, length: int, stride: int, dtype: str = "bf16"
 ) -> tuple[float, int, int]:
     """(summed NLL, scored tokens, windows) over a 1-D token tensor."""
+    if not 1 <= stride <= length:
+        raise ValueError(
+            f"sliding window: stride {stride} must be between 1 and the window length {length} "
+            "(a longer stride would leave tokens between windows unscored)"
+        )
     n = tokens.numel()
     nll_sum, scored, windows, prev_end = 0.0, 0, 0, 0
-    for begin in range(0, n - 1, stride):
-        end = min(begin + length, n - 1)
-        window = tokens[begin : end + 1]
-        labels = window[1:].clone()
-        fresh = end - prev_end  # tokens not scored by an earlier window
-        labels[: labels.numel() - fresh] = -100
-        nll_sum += float(_losses(model, window, labels, dtype).sum())
-        scored, windows, prev_end = scored + fresh, windows + 1, end
-        if end == n - 1:
+    for begin in range(0, n, stride):
+        end = min(begin + length, n)
+        first = max(prev_end, begin + 1)  # earlier windows scored the tokens before it
+        if end > first:
+            window = tokens[begin:end]
+            labels = window[1:].clone()
+            labels[: first - begin - 1] = -100
+            nll_sum += float(_losses(model, window, labels, dtype).sum())
+            scored, windows = scored + end - first, windows + 1
+        prev_end = end
+        if end == n:
             break
     return nll_sum, scored, windows
 
@@ -55,13 +69,20 @@ def sliding_window_nll(
 def final_block_nll(
     model: torch.nn.Module, documents: list[Tensor], length: int, block: int, dtype: str = "bf16"
 ) -> tuple[float, int, int]:
-    """(summed NLL, scored tokens, documents) of each document's last `block` tokens, read
-    after the `length` tokens before them."""
+    """(summed NLL, scored tokens, documents) of each document's last `block` tokens, read in a
+    window of the document's last `length` tokens (length - block tokens of context)."""
+    if not 1 <= block < length:
+        raise ValueError(
+            f"final block: `evaluate.perplexity.block` ({block}) must be shorter than the "
+            f"window length {length}"
+        )
     nll_sum, scored = 0.0, 0
     for doc in documents:
-        window = doc[doc.numel() - block - length - 1 :]
+        if doc.numel() < length:
+            raise ValueError(f"final block: a document of {doc.numel()} tokens < length {length}")
+        window = doc[doc.numel() - length :]
         labels = window[1:].clone()
-        labels[:length] = -100
+        labels[: length - 1 - block] = -100
         nll_sum += float(_losses(model, window, labels, dtype).sum())
         scored += block
     return nll_sum, scored, len(documents)
@@ -132,6 +153,7 @@ def evaluate_perplexity(spec: Mapping[str, Any], out_paths: Mapping[str, str]) -
                 "rope": scaling_label(scaling),
                 "stride": stride,
                 "block": block,
+                "window_context": length - (stride or block),
                 "windows": windows,
                 "tokens_scored": scored,
                 "nll": mean,
@@ -154,11 +176,18 @@ def evaluate_perplexity(spec: Mapping[str, Any], out_paths: Mapping[str, str]) -
                     "more data"
                 )
             tokens = data.head(max(cfg["max_tokens"], length + 1))
-        docs = long_documents(spec["data_dir"], length + cfg["block"], cfg["documents"])
+        docs = long_documents(spec["data_dir"], length + 1, cfg["documents"])  # by_position
         if not docs and {"final_block", "by_position"} & set(cfg["protocols"]):
             print(
-                f"[perplexity {tag}] no validation document has {length + cfg['block']:,} "
-                "tokens: final_block and by_position skipped at this length",
+                f"[perplexity {tag}] no validation document has {length + 1:,} tokens: "
+                "final_block and by_position skipped at this length",
+                flush=True,
+            )
+        final_block = "final_block" in cfg["protocols"] and docs and cfg["block"] < length
+        if "final_block" in cfg["protocols"] and cfg["block"] >= length:
+            print(
+                f"[perplexity {tag}] final_block skipped at length {length:,}: the window "
+                f"holds no context before a block of {cfg['block']:,} tokens",
                 flush=True,
             )
         for scaling in position_methods(model, spec, cfg, length):
@@ -170,7 +199,7 @@ def evaluate_perplexity(spec: Mapping[str, Any], out_paths: Mapping[str, str]) -
                     *sliding_window_nll(model, tokens, length, stride, dtype),
                     stride=stride,
                 )
-            if "final_block" in cfg["protocols"] and docs:
+            if final_block:
                 record(
                     "final_block",
                     length,

@@ -1,22 +1,24 @@
-"""RULER's 13 synthetic tasks: prompt generators sized to an exact token length, and scoring.
+"""RULER's 13 synthetic tasks: prompt generators sized to a token length, and scoring.
 
 Tasks (NVIDIA/RULER `synthetic.yaml`): eight needle-in-a-haystack variants, variable tracking
 (vt), common and frequent word extraction (cwe, fwe) and two QA tasks (qa_1: SQuAD, qa_2:
-HotpotQA). Haystacks are "noise" (repeated grass sentences), "essay" (sentences of the corpus's
-validation documents, standing in for Paul Graham's essays) or needles only.
+HotpotQA). The templates, needle formats, joins and counts follow RULER's generators
+(`scripts/data/synthetic/*.py`). Haystacks are "noise" (the grass lines, "\\n"-joined), "essay"
+(sentences of the corpus's validation documents standing in for Paul Graham's essays, " "-joined,
+needles between sentences at depths drawn from 40 evenly spaced ones), or distractor needles.
 
-A prompt is assembled from token lists (instruction, haystack pieces, needles, question), and
-the haystack is cut to the token, so every prompt has exactly the requested length in the
-run's own tokenizer. Needles go between haystack sentences at depths drawn from 40 evenly
-spaced positions. Samples are a pure function of (seed, task, length, index). Torch-free.
+As in RULER, a prompt is text whose haystack (lines, sentences, words or documents) is the
+largest whole number of units for which prompt + generation budget <= `length` tokens in the
+run's own tokenizer; RULER steps the count up in fixed increments, here it is bisected. Samples
+are a pure function of (seed, task, length, index). Torch-free.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import string
 import uuid
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,51 +47,55 @@ MAX_NEW_TOKENS = {
     "qa_2": 32,
 }
 METRIC = {**dict.fromkeys((*NIAH, "vt", "cwe", "fwe"), "all"), "qa_1": "part", "qa_2": "part"}
-DEPTHS = [i / 39 for i in range(40)]
+# RULER's synthetic.yaml: haystack, key type, value type, keys, values per key, keys queried.
+NIAH_SETUP = {
+    "niah_single_1": ("noise", "words", "numbers", 1, 1, 1),
+    "niah_single_2": ("essay", "words", "numbers", 1, 1, 1),
+    "niah_single_3": ("essay", "words", "uuids", 1, 1, 1),
+    "niah_multikey_1": ("essay", "words", "numbers", 4, 1, 1),
+    "niah_multikey_2": ("needle", "words", "numbers", 1, 1, 1),
+    "niah_multikey_3": ("needle", "uuids", "uuids", 1, 1, 1),
+    "niah_multivalue": ("essay", "words", "numbers", 1, 4, 1),
+    "niah_multiquery": ("essay", "words", "numbers", 4, 1, 4),
+}
+DEPTHS = [round(100 * i / 39) for i in range(40)]  # percent, as np.round(np.linspace(0, 100, 40))
 
-NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-NIAH_PREFIX = (
-    "Some special magic {kind} are hidden within the following text. Make sure to "
-    "memorize it. I will quiz you about the {kind} afterwards.\n"
+NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+NEEDLE = "One of the special magic {kind} for {key} is: {value}."
+NIAH_TEMPLATE = (
+    "Some special magic {kind} are hidden within the following text. Make sure to memorize it. "
+    "I will quiz you about the {kind} afterwards.\n{context}\nWhat are all the special magic "
+    "{kind} for {query} mentioned in the provided text? The special magic {kind} for {query} "
+    "mentioned in the provided text are"
 )
-NIAH_QUESTION = (
-    "\nWhat are all the special magic {kind} for {query} mentioned in the provided "
-    "text? The special magic {kind} for {query} mentioned in the provided text are"
-)
-NEEDLE = "One of the special magic {kind} for {key} is: {value}. "
-VT_PREFIX = (
+VT_TEMPLATE = (
     "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
+    "{context}\nQuestion: Find all variables that are assigned the value {query} in the text "
+    "above. Answer: According to the chain(s) of variable assignment in the text above, {num_v} "
+    "variables are assigned the value {query}, they are: "
 )
-VT_QUESTION = (
-    "\nQuestion: Find all variables that are assigned the value {value} in the text "
-    "above. Answer: According to the chain(s) of variable assignment in the text "
-    "above, {n} variables are assigned the value {value}, they are: "
+CWE_TEMPLATE = (
+    "Below is a numbered list of words. In these words, some appear more often than others. "
+    "Memorize the ones that appear most often.\n{context}\nQuestion: What are the 10 most common "
+    "words in the above list? Answer: The top 10 words that appear most often in the list are:"
 )
-CWE_PREFIX = (
-    "Below is a numbered list of words. In these words, some appear more often than "
-    "others. Memorize the ones that appear most often.\n"
+FWE_TEMPLATE = (
+    "Read the following coded text and track the frequency of each coded word. Find the three "
+    "most frequently appeared coded words. {context}\nQuestion: Do not provide any explanation. "
+    "Please ignore the dots '....'. What are the three most frequently appeared words in the "
+    "above coded text? Answer: According to the coded text above, the three most frequently "
+    "appeared words are:"
 )
-CWE_QUESTION = (
-    "\nQuestion: What are the 10 most common words in the above list? Answer: The "
-    "top 10 words that appear most often in the list are:"
+QA_TEMPLATE = (
+    "Answer the question based on the given documents. Only give me the answer and do not "
+    "output any other words.\n\nThe following are given documents.\n\n{context}\n\nAnswer the "
+    "question based on the given documents. Only give me the answer and do not output any "
+    "other words.\n\nQuestion: {query} Answer:"
 )
-FWE_PREFIX = (
-    "Read the following coded text and track the frequency of each coded word. Find "
-    "the three most frequently appeared coded words. "
-)
-FWE_QUESTION = (
-    "\nQuestion: Do not provide any explanation. Please ignore the dots '....'. What "
-    "are the three most frequently appeared words in the above coded text? Answer: "
-    "According to the coded text above, the three most frequently appeared words are:"
-)
-QA_PREFIX = (
-    "Answer the question based on the given documents. Only give me the answer and do "
-    "not output any other words.\n\nThe following are given documents.\n\n"
-)
-QA_QUESTION = (
-    "\n\nAnswer the question based on the given documents. Only give me the answer "
-    "and do not output any other words.\n\nQuestion: {question} Answer:"
-)
+QA_DOCUMENT = "Document {i}:\n{document}"
+VT_ICL_TOKENS = 500  # RULER sizes vt's one-shot example as a 500-token sample
+FWE_ALPHA = 2.0
+CWE_COMMON = 10
 
 
 class TaskSkipped(Exception):
@@ -108,13 +114,22 @@ class Sample:
 
 
 @dataclass
+class QAData:
+    """Deduplicated documents and questions pointing into them: `gold` are the question's own
+    documents, `related` the other paragraphs of its article (RULER's first distractors)."""
+
+    questions: list[dict[str, Any]]
+    docs: list[str]
+
+
+@dataclass
 class Sources:
-    """What the generators draw from: essay sentences, a vocabulary and QA records."""
+    """What the generators draw from: essay sentences, a vocabulary and QA data."""
 
     sentences: list[str]
     words: list[str]
-    squad: list[dict[str, Any]] | None = None
-    hotpotqa: list[dict[str, Any]] | None = None
+    squad: QAData | None = None
+    hotpotqa: QAData | None = None
     skip_reasons: dict[str, str] = field(default_factory=dict)
 
 
@@ -130,28 +145,49 @@ def score(prediction: str, references: Sequence[str], metric: str) -> float:
 # ---- sources ---------------------------------------------------------------------------
 
 
-def load_squad(path: str | Path) -> list[dict[str, Any]]:
-    """SQuAD (v1 or v2 JSON): answerable questions with their context and answers."""
+def load_squad(path: str | Path) -> QAData:
+    """SQuAD (v1 or v2 JSON), as RULER reads it: distinct paragraphs are the documents; each
+    answerable question has its paragraph and its article's other paragraphs."""
     data = json.loads(Path(path).read_text())["data"]
-    records = []
+    docs = sorted({p["context"] for a in data for p in a["paragraphs"]})
+    number = {doc: i for i, doc in enumerate(docs)}
+    questions = []
     for article in data:
+        article_docs = [number[p["context"]] for p in article["paragraphs"]]
         for para in article["paragraphs"]:
+            gold = number[para["context"]]
+            related = list(dict.fromkeys(i for i in article_docs if i != gold))
             for qa in para["qas"]:
                 answers = [a["text"] for a in qa.get("answers", [])]
                 if answers and not qa.get("is_impossible"):
-                    records.append(
-                        {"question": qa["question"], "answers": answers, "context": para["context"]}
+                    questions.append(
+                        {
+                            "question": qa["question"],
+                            "answers": answers,
+                            "gold": [gold],
+                            "related": related,
+                        }
                     )
-    return records
+    return QAData(questions, docs)
 
 
-def load_hotpotqa(path: str | Path) -> list[dict[str, Any]]:
-    """HotpotQA distractor JSON: question, answer and its paragraphs as documents."""
-    records = []
-    for item in json.loads(Path(path).read_text()):
-        docs = [f"{title}\n{''.join(sents)}" for title, sents in item["context"]]
-        records.append({"question": item["question"], "answers": [item["answer"]], "docs": docs})
-    return records
+def load_hotpotqa(path: str | Path) -> QAData:
+    """HotpotQA distractor JSON, as RULER reads it: every paragraph "title\\ntext" is a
+    document, and a question's own (gold and distractor) paragraphs always go in."""
+    items = json.loads(Path(path).read_text())
+    as_doc = [[f"{title}\n{''.join(sents)}" for title, sents in it["context"]] for it in items]
+    docs = sorted({d for item_docs in as_doc for d in item_docs})
+    number = {doc: i for i, doc in enumerate(docs)}
+    questions = [
+        {
+            "question": it["question"],
+            "answers": [it["answer"]],
+            "gold": list(dict.fromkeys(number[d] for d in item_docs)),
+            "related": [],
+        }
+        for it, item_docs in zip(items, as_doc, strict=True)
+    ]
+    return QAData(questions, docs)
 
 
 def build_sources(
@@ -171,62 +207,49 @@ def build_sources(
     return sources
 
 
-# ---- prompt assembly -------------------------------------------------------------------
+# ---- sizing ----------------------------------------------------------------------------
+
+Build = Callable[[int], str]
 
 
-class Builder:
-    """Token-level prompt assembly: fixed parts, a haystack cut to fit, needles inserted."""
+def largest_prompt(
+    encode: Callable[[str], list[int]], limit: int, build: Build, low: int, high: int
+) -> tuple[list[int], int]:
+    """Token ids of build(n), and n, for the largest n in [low, high] whose prompt fits in
+    `limit` tokens (galloped up, then bisected). ValueError if build(low) does not fit."""
+    ids = encode(build(low))
+    if len(ids) > limit:
+        raise ValueError(f"the shortest prompt has {len(ids)} tokens, over the {limit} allowed")
+    best, step, over = low, 1, high + 1
+    while best < high:
+        n = min(best + step, high)
+        candidate = encode(build(n))
+        if len(candidate) > limit:
+            over = n
+            break
+        best, ids, step = n, candidate, step * 2
+    while over - best > 1:
+        n = (best + over) // 2
+        candidate = encode(build(n))
+        if len(candidate) <= limit:
+            best, ids = n, candidate
+        else:
+            over = n
+    return ids, best
 
-    def __init__(self, tokenizer, length: int):
-        self.tok, self.length = tokenizer, length
 
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text)
+def _first_fitting(encode, limit: int, attempts: Sequence[tuple[Build, int, int]]):
+    """The first of (build, low, high) whose shortest prompt fits; RULER's settings come first,
+    then fallbacks for lengths too short to hold them."""
+    for build, low, high in attempts[:-1]:
+        try:
+            return largest_prompt(encode, limit, build, low, high)[0]
+        except ValueError:
+            continue
+    return largest_prompt(encode, limit, *attempts[-1])[0]
 
-    def haystack(self, units: Callable[[int], str], budget: int) -> list[list[int]]:
-        """Token lists of haystack units (unit(i) for i = 0, 1, ...) totalling exactly budget."""
-        pieces, used, i = [], 0, 0
-        while used < budget:
-            ids = self.encode(units(i))[: budget - used]
-            pieces.append(ids)
-            used += len(ids)
-            i += 1
-        return pieces
 
-    def assemble(
-        self,
-        head: str,
-        pieces: list[list[int]],
-        needles: list[list[int]],
-        depths: list[float],
-        tail: str,
-    ) -> list[int]:
-        """head + haystack pieces with needles at the piece boundaries nearest their depths +
-        tail. `pieces` must already leave room for the needles."""
-        slots = sorted(zip(depths, range(len(needles)), strict=True))
-        body: list[int] = []
-        boundaries = len(pieces)
-        cursor = 0
-        for depth, n in slots:
-            cut = round(depth * boundaries)
-            for piece in pieces[cursor:cut]:
-                body += piece
-            cursor = max(cursor, cut)
-            body += needles[n]
-        for piece in pieces[cursor:]:
-            body += piece
-        prompt = self.encode(head) + body + self.encode(tail)
-        if len(prompt) != self.length:
-            raise AssertionError(f"prompt of {len(prompt)} tokens, wanted {self.length}")
-        return prompt
-
-    def budget(self, head: str, tail: str, needles: list[list[int]]) -> int:
-        left = (
-            self.length - len(self.encode(head)) - len(self.encode(tail)) - sum(map(len, needles))
-        )
-        if left < 0:
-            raise ValueError(f"{self.length} tokens cannot hold this task's prompt")
-        return left
+# ---- tasks -----------------------------------------------------------------------------
 
 
 def _number(rng: random.Random) -> str:
@@ -237,130 +260,255 @@ def _uuid(rng: random.Random) -> str:
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
 
-def _distinct(rng: random.Random, pool: Sequence[str], n: int) -> list[str]:
-    return rng.sample(list(pool), n)
+def _insert_lines(lines: list[str], needles: list[str], rng: random.Random) -> str:
+    """RULER's noise/needle haystacks: needles inserted before random lines, "\\n"-joined."""
+    lines = list(lines)
+    slots = sorted(rng.sample(range(len(lines)), len(needles)), reverse=True)
+    for slot, needle in zip(slots, needles, strict=True):
+        lines.insert(slot, needle)
+    return "\n".join(lines)
 
 
-def _niah(task: str, b: Builder, rng: random.Random, src: Sources) -> tuple[list[int], list[str]]:
-    uuid_keys = task == "niah_multikey_3"
-    uuid_values = task in ("niah_single_3", "niah_multikey_3")
-    kind = "uuids" if uuid_values else "numbers"
-    value = (lambda: _uuid(rng)) if uuid_values else (lambda: _number(rng))
-    n_keys = {"niah_multikey_1": 4, "niah_multiquery": 4}.get(task, 1)
-    n_values = 4 if task == "niah_multivalue" else 1
-    keys = [_uuid(rng) for _ in range(n_keys)] if uuid_keys else _distinct(rng, src.words, n_keys)
-    pairs = [(k, value()) for k in keys for _ in range(n_values)]
-    queried = keys if task == "niah_multiquery" else keys[:1]
-    answers = [v for k, v in pairs if k in queried]
-    query = ", ".join(queried[:-1]) + (" and " if len(queried) > 1 else "") + queried[-1]
-    head, tail = NIAH_PREFIX.format(kind=kind), NIAH_QUESTION.format(kind=kind, query=query)
-    needles = [b.encode(NEEDLE.format(kind=kind, key=k, value=v)) for k, v in pairs]
-    budget = b.budget(head, tail, needles)
-    if task in ("niah_multikey_2", "niah_multikey_3"):  # the haystack is all distractor needles
+def _insert_at_depths(sentences: list[str], needles: list[str], rng: random.Random) -> str:
+    """RULER's essay haystack: needles between sentences at distinct depths, " "-joined."""
+    cuts = sorted(int(len(sentences) * d / 100) for d in rng.sample(DEPTHS, len(needles)))
+    cuts = [0, *cuts, len(sentences)]
+    parts = []
+    for i in range(1, len(cuts)):
+        parts.append(" ".join(sentences[cuts[i - 1] : cuts[i]]))
+        if i - 1 < len(needles):
+            parts.append(needles[i - 1])
+    return " ".join(parts)
 
-        def units(i: int) -> str:
-            key = _uuid(rng) if uuid_keys else rng.choice(src.words)
-            return NEEDLE.format(kind=kind, key=key, value=value())
-    elif task == "niah_single_1":
 
-        def units(i: int) -> str:
-            return NOISE
+def _niah(task: str, key: str, rng: random.Random, src: Sources, fit) -> tuple[list, list]:
+    haystack, key_type, value_type, n_keys, n_values, n_queries = NIAH_SETUP[task]
+    kind = value_type  # "numbers" or "uuids", plural in the needles as in RULER
+
+    def new_key(r: random.Random) -> str:
+        if key_type == "uuids":
+            return _uuid(r)
+        if haystack == "needle":  # thousands of distinct distractor keys: pairs of words
+            return f"{r.choice(src.words)}-{r.choice(src.words)}"
+        return r.choice(src.words)
+
+    def new_value(r: random.Random) -> str:
+        return _uuid(r) if value_type == "uuids" else _number(r)
+
+    keys: list[str] = []
+    while len(keys) < n_keys:  # distinct keys: one answer per queried key
+        k = new_key(rng)
+        if k not in keys:
+            keys.append(k)
+    values = [[new_value(rng) for _ in range(n_values)] for _ in keys]
+    needles = [
+        NEEDLE.format(kind=kind, key=k, value=v)
+        for k, vs in zip(keys, values, strict=True)
+        for v in vs
+    ]
+    rng.shuffle(needles)
+    queried = rng.sample(range(n_keys), n_queries)
+    queries = [keys[i] for i in queried]
+    answers = [v for i in queried for v in values[i]]
+    query = ", ".join(queries[:-1]) + ", and " + queries[-1] if len(queries) > 1 else queries[0]
+    template, shown = NIAH_TEMPLATE, kind
+    if n_queries * n_values == 1:  # RULER's singular wording for one needle asked once
+        template = template.replace("Some", "A").replace("are all", "is").replace("are", "is")
+        shown = kind[:-1]
+
+    if haystack == "essay":
+        offset = rng.randrange(len(src.sentences))
+        sentences = [s.strip() for s in src.sentences[offset:] + src.sentences[:offset]]
+
+        def context(n: int) -> str:
+            units = [sentences[i % len(sentences)] for i in range(n)]
+            return _insert_at_depths(units, needles, random.Random(f"{key}/{n}"))
     else:
-        offset = rng.randrange(max(1, len(src.sentences)))
+        lines: list[str] = []
+        line_rng, used = random.Random(f"{key}/haystack"), set(keys)
 
-        def units(i: int) -> str:
-            return src.sentences[(offset + i) % len(src.sentences)]
+        def line(i: int) -> str:
+            misses = 0
+            while len(lines) <= i:
+                if haystack == "noise":
+                    lines.append(NOISE)
+                    continue
+                k = new_key(line_rng)
+                if k not in used:  # a distractor never repeats the queried key
+                    used.add(k)
+                    lines.append(NEEDLE.format(kind=kind, key=k, value=new_value(line_rng)))
+                elif (misses := misses + 1) > 10_000:
+                    raise ValueError(f"too few words for {i + 1} distinct keys")
+            return lines[i]
 
-    pieces = b.haystack(units, budget)
-    depths = [rng.choice(DEPTHS) for _ in needles]
-    return b.assemble(head, pieces, needles, depths, tail), answers
+        def context(n: int) -> str:
+            units = [line(i) for i in range(n)]
+            return _insert_lines(units, needles, random.Random(f"{key}/{n}"))
+
+    def build(n: int) -> str:
+        return template.format(kind=shown, context=context(n), query=query)
+
+    low = 0 if haystack == "essay" else len(needles)
+    return fit([(build, low, 10**7)]), answers
 
 
-def _vt(b: Builder, rng: random.Random, src: Sources) -> tuple[list[int], list[str]]:
+def _vt_chain(rng: random.Random, name_length: int, hops: int = 4) -> tuple[list[str], list[str]]:
     names: list[str] = []  # a list, not a set: set order varies between processes
-    while len(names) < 5:
-        name = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
+    while len(names) < hops + 1:
+        name = "".join(rng.choices(string.ascii_uppercase, k=name_length))
         if name not in names:
             names.append(name)
-    value = str(rng.randint(10000, 99999))
-    chain = [f"VAR {names[0]} = {value}. "] + [
-        f"VAR {names[i]} = VAR {names[i - 1]}. " for i in range(1, 5)
-    ]
-    needles = [b.encode(s) for s in chain]
-    head, tail = VT_PREFIX, VT_QUESTION.format(value=value, n=len(names))
-    pieces = b.haystack(lambda i: NOISE, b.budget(head, tail, needles))
-    depths = sorted(rng.choice(DEPTHS) for _ in needles)  # the chain stays in order
-    return b.assemble(head, pieces, needles, depths, tail), names
+    chain = [f"VAR {names[0]} = {rng.randint(10000, 99998)}"]
+    chain += [f"VAR {names[j + 1]} = VAR {names[j]} " for j in range(hops)]
+    return names, chain
 
 
-def _cwe(b: Builder, rng: random.Random, src: Sources) -> tuple[list[int], list[str]]:
-    common = _distinct(rng, src.words[:2000], 10)
-    others = [w for w in src.words if w not in common]
-    head, tail = CWE_PREFIX, CWE_QUESTION
-    budget = b.budget(head, tail, [])
-    per_word = len(b.encode(" 99. " + common[0]))
-    # RULER: 10 common words 30 times among words appearing 3 times; fewer when short.
-    repeats = max(2, min(30, budget // (per_word * 10 * 2)))
-    words = common * repeats
-    n_others = max(0, (budget - len(words) * per_word) // (per_word * min(3, repeats - 1)) + 1)
-    words += [
-        w
-        for w in rng.sample(others, min(n_others, len(others)))
-        for _ in range(min(3, repeats - 1))
-    ]
-    rng.shuffle(words)
-    pieces = b.haystack(lambda i: f"{i + 1}. {words[i % len(words)]} ", budget)
-    return b.assemble(head, pieces, [], [], tail), common
+def _vt_prompt(chain: list[str], n: int, rng: random.Random) -> str:
+    """RULER's vt: the chain in order at random places among n noise lines; with too few
+    lines, the lines are split into sentences first."""
+    sentences = [NOISE + "\n"] * n
+    if len(sentences) <= len(chain):
+        pieces = [p for s in sentences for p in s.split(".")]
+        sentences = [p + "." if p.strip() else p for p in pieces]
+    slots = sorted(rng.sample(range(len(sentences)), len(chain)))
+    for j, (slot, link) in enumerate(zip(slots, chain, strict=True)):
+        sentences.insert(slot + j, link)
+    context = " ".join(sentences).replace(". \n", ".\n")
+    value = chain[0].split("=")[-1].strip()
+    return VT_TEMPLATE.format(context=context, query=value, num_v=len(chain))
 
 
-def _fwe(b: Builder, rng: random.Random, src: Sources) -> tuple[list[int], list[str]]:
-    coded = sorted(
-        {"".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(6)) for _ in range(200)}
+def _vt(key: str, rng: random.Random, encode, fit) -> tuple[list, list]:
+    names, chain = _vt_chain(rng, 5)
+    example_names, example_chain = _vt_chain(rng, 3)
+    answer = " ".join(example_names)
+
+    def example_text(n: int) -> str:
+        return _vt_prompt(example_chain, n, random.Random(f"{key}/example")) + " " + answer
+
+    try:  # RULER's one-shot example: the most noise lines within its 500-token budget
+        lines = largest_prompt(
+            encode, VT_ICL_TOKENS - MAX_NEW_TOKENS["vt"], example_text, 1, 10**5
+        )[1]
+    except ValueError:  # short tokens (bytes): one line, where RULER's own search stalls
+        lines = 1
+    example = example_text(lines)
+
+    def main(n: int) -> str:
+        return _vt_prompt(chain, n, random.Random(f"{key}/{n}"))
+
+    def with_example(n: int) -> str:
+        return example + "\n\n" + "\n\n" + main(n)
+
+    return fit([(with_example, 1, 10**7), (main, 1, 10**7)]), names
+
+
+def _cwe(key: str, length: int, rng: random.Random, src: Sources, fit) -> tuple[list, list]:
+    # RULER: 10 common words 30 times among words 3 times from 4K tokens up, 6 and 1 below;
+    # the one-shot example repeats them 10 and 3 times (3 and 1 below 4K).
+    freq_cw, freq_ucw = (30, 3) if length >= 4096 else (6, 1)
+    example_words, example_cw, example_ucw = (40, 10, 3) if length >= 4096 else (20, 3, 1)
+    pool = rng.sample(src.words, len(src.words))
+
+    def listing(words: list[str], n: int, cw: int, ucw: int, r: random.Random) -> str:
+        common, uncommon = words[:CWE_COMMON], words[CWE_COMMON:n]
+        items = common * cw + uncommon * ucw
+        r.shuffle(items)
+        return " ".join(f"{i + 1}. {w}" for i, w in enumerate(items))
+
+    shown = rng.sample(src.words, min(example_words, len(src.words)))
+    example = CWE_TEMPLATE.format(
+        context=listing(shown, len(shown), example_cw, example_ucw, random.Random(f"{key}/ex"))
+    ) + " ".join(f"{i + 1}. {w}" for i, w in enumerate(shown[:CWE_COMMON]))
+
+    def main(cw: int, ucw: int) -> Build:
+        def build(n: int) -> str:
+            text = listing(pool, n, cw, ucw, random.Random(f"{key}/{n}"))
+            return CWE_TEMPLATE.format(context=text)
+
+        return build
+
+    def with_example(n: int) -> str:
+        return example + "\n" + main(freq_cw, freq_ucw)(n)
+
+    low, high = CWE_COMMON, len(pool)
+    attempts = [(with_example, low, high), (main(freq_cw, freq_ucw), low, high)]
+    attempts += [(main(cw, 1), low, high) for cw in range(freq_cw - 1, 1, -1)]
+    return fit(attempts), pool[:CWE_COMMON]
+
+
+def _zeta(alpha: float) -> float:
+    """Riemann zeta(alpha) for alpha > 1 (Euler-Maclaurin: a partial sum plus the tail)."""
+    n = 100
+    return (
+        sum(k**-alpha for k in range(1, n))
+        + n ** (1 - alpha) / (alpha - 1)
+        + n**-alpha / 2
+        + alpha * n ** (-alpha - 1) / 12
+        - alpha * (alpha + 1) * (alpha + 2) * n ** (-alpha - 3) / 720
     )
-    rng.shuffle(coded)
-    weights = [1 / (rank + 1) ** 2 for rank in range(len(coded))]  # Zipf, alpha = 2
-    head, tail = FWE_PREFIX, FWE_QUESTION
-    budget = b.budget(head, tail, [])
-    stream = rng.choices(coded, weights=weights, k=budget)  # more than enough words
-    pieces = b.haystack(
-        lambda i: stream[i % len(stream)] + (" .... " if i % 10 == 9 else " "), budget
-    )
-    counts = Counter(stream[: len(pieces)])
-    top = [w for w, _ in counts.most_common(3)]
-    return b.assemble(head, pieces, [], [], tail), top
 
 
-def _qa(task: str, b: Builder, rng: random.Random, src: Sources) -> tuple[list[int], list[str]]:
-    records = src.squad if task == "qa_1" else src.hotpotqa
-    if not records:
+def fwe_counts(num_words: int, vocab_size: int, alpha: float = FWE_ALPHA) -> list[int]:
+    """RULER's fwe counts: the word of rank k appears int(num_words * k^-alpha / zeta(alpha))
+    times."""
+    z = _zeta(alpha)
+    return [int(num_words * k**-alpha / z) for k in range(1, vocab_size + 1)]
+
+
+def _fwe(key: str, length: int, budget: int, rng: random.Random, fit) -> tuple[list, list]:
+    # RULER: a vocabulary of (max_seq_length - tokens_to_generate) // 50 coded words, zeta
+    # counts, and "..." as the top-ranked word (noise); the answer is ranks 2-4.
+    vocab_size = max(4, (length - budget) // 50)
+    vocab: set[str] = set()
+    while len(vocab) < vocab_size:
+        vocab.add("".join(rng.choices(string.ascii_lowercase, k=6)))
+    ranked = sorted(vocab)
+    rng.shuffle(ranked)
+    ranked[0] = "..."
+
+    def build(n: int) -> str:
+        words = [
+            w for w, c in zip(ranked, fwe_counts(n, vocab_size), strict=True) for _ in range(c)
+        ]
+        random.Random(f"{key}/{n}").shuffle(words)
+        return FWE_TEMPLATE.format(context=" ".join(words))
+
+    # the fewest words for which all three answers appear: rank 4 needs count >= 1
+    low = int(4**FWE_ALPHA * _zeta(FWE_ALPHA)) + 1
+    return fit([(build, low, 10**9)]), ranked[1:4]
+
+
+def _qa(task: str, key: str, index: int, src: Sources, fit) -> tuple[list, list]:
+    data = src.squad if task == "qa_1" else src.hotpotqa
+    if not data or not data.questions:
         raise TaskSkipped(src.skip_reasons.get(task, "no QA data"))
-    record = rng.choice(records)
-    gold = [record["context"]] if task == "qa_1" else record["docs"]
-    pool = [r for r in records if r is not record]
-    distractors = (
-        r["context"] if task == "qa_1" else rng.choice(r["docs"])
-        for r in rng.sample(pool, len(pool))
-    )
-    head, tail = QA_PREFIX, QA_QUESTION.format(question=record["question"])
-    needles = [b.encode(f"Document {i + 1}:\n{d}\n\n") for i, d in enumerate(gold)]
-    budget = b.budget(head, tail, needles)
-    texts = iter(distractors)
-    pieces = b.haystack(
-        lambda i: f"Document {len(gold) + i + 1}:\n{next(texts, NOISE)}\n\n", budget
-    )
-    depths = [rng.choice(DEPTHS) for _ in needles]
-    return b.assemble(head, pieces, needles, depths, tail), record["answers"]
+    q = data.questions[index % len(data.questions)]  # RULER: sample i asks question i
+    rng = random.Random(key)
+    gold, related = q["gold"], q["related"]
+    others = [i for i in range(len(data.docs)) if i not in set(gold) | set(related)]
+    # distractors: the article's other paragraphs first, then any others (RULER's order)
+    order = gold + rng.sample(related, len(related)) + rng.sample(others, len(others))
+
+    def build(n: int) -> str:
+        docs = [data.docs[i] for i in order[:n]]
+        random.Random(f"{key}/{n}").shuffle(docs)
+        context = "\n\n".join(QA_DOCUMENT.format(i=i + 1, document=d) for i, d in enumerate(docs))
+        return QA_TEMPLATE.format(context=context, query=q["question"])
+
+    return fit([(build, len(gold), len(order))]), q["answers"]
 
 
-def check_length(task: str, tokenizer, length: int) -> None:
-    """Raise ValueError if `length` tokens cannot hold the task's prompt (checked on stand-in
-    sources, so configs fail before any job runs)."""
+def check_length(task: str, tokenizer, length: int, max_new_tokens: int | None = None) -> None:
+    """Raise ValueError if `length` tokens cannot hold the task's prompt and generation budget
+    (checked on stand-in sources, so configs fail before any job runs)."""
     if task in ("qa_1", "qa_2"):
         return
-    words = [f"w{a}{b}{c}" for a in "abcdefgh" for b in "abcdefgh" for c in "abcdefgh"]
+    # the longest words a vocabulary holds (10 letters), so real sources fit too
+    words = [f"word{a}{b}{c}xyz" for a in "abcdefgh" for b in "abcdefgh" for c in "abcdefgh"]
     stand_in = Sources(["A stand-in sentence for the haystack. "] * 8, words)
     for index in range(4):
-        generate(task, tokenizer, length, index, 0, stand_in)
+        generate(task, tokenizer, length, index, 0, stand_in, max_new_tokens)
 
 
 def generate(
@@ -372,20 +520,34 @@ def generate(
     sources: Sources,
     max_new_tokens: int | None = None,
 ) -> Sample:
-    """Sample `index` of `task` at `length` tokens. Raises TaskSkipped when it cannot run."""
+    """Sample `index` of `task`: a prompt of at most `length` minus its generation budget
+    tokens. Raises TaskSkipped when it cannot run, ValueError when `length` is too short."""
     if task not in TASKS:
         raise KeyError(f"unknown RULER task {task!r} (known: {', '.join(TASKS)})")
-    rng = random.Random(f"{seed}/{task}/{length}/{index}")
-    b = Builder(tokenizer, length)
+    budget = MAX_NEW_TOKENS[task]
+    if max_new_tokens is not None:
+        budget = min(max_new_tokens, budget)
+    key = f"{seed}/{task}/{length}/{index}"
+    rng = random.Random(key)
+    limit = length - budget
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.with_bos(tokenizer.encode(text))
+
+    def fit(attempts: Sequence[tuple[Build, int, int]]) -> list[int]:
+        try:
+            return _first_fitting(encode, limit, attempts)
+        except ValueError as why:
+            raise ValueError(f"RULER {task} at length {length}: {why}") from None
+
     if task in NIAH:
-        prompt, refs = _niah(task, b, rng, sources)
-    elif task in ("qa_1", "qa_2"):
-        prompt, refs = _qa(task, b, rng, sources)
+        prompt, refs = _niah(task, key, rng, sources, fit)
+    elif task == "vt":
+        prompt, refs = _vt(key, rng, encode, fit)
+    elif task == "cwe":
+        prompt, refs = _cwe(key, length, rng, sources, fit)
+    elif task == "fwe":
+        prompt, refs = _fwe(key, length, budget, rng, fit)
     else:
-        prompt, refs = {"vt": _vt, "cwe": _cwe, "fwe": _fwe}[task](b, rng, sources)
-    budget = (
-        MAX_NEW_TOKENS[task]
-        if max_new_tokens is None
-        else min(max_new_tokens, MAX_NEW_TOKENS[task])
-    )
+        prompt, refs = _qa(task, key, index, sources, fit)
     return Sample(task, length, index, prompt, refs, budget, METRIC[task])

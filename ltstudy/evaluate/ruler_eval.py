@@ -61,7 +61,11 @@ def evaluate_ruler(spec: Mapping[str, Any], out_path: str) -> None:
                         )
                         continue
                     new = greedy_decode(
-                        model, sample.prompt, sample.max_new_tokens, spec["train"]["dtype"]
+                        model,
+                        sample.prompt,
+                        sample.max_new_tokens,
+                        spec["train"]["dtype"],
+                        tokenizer.eos_id,
                     )
                     prediction = tokenizer.decode(new)
                     scores.append(score(prediction, sample.references, sample.metric))

@@ -1,16 +1,23 @@
 """Throughput, peak memory and MFU of a variant at given sequence lengths, on random weights.
 
-Modes: `train` (forward + backward of the LM loss), `prefill` (forward without gradients) and
-`decode` (one token at a time through the cache after a prefill of `seq_len` tokens). Each
-measurement runs `warmup` untimed steps, then `repeats` timed ones, and reports the median;
-CUDA events time the GPU, the wall clock the CPU. MFU is the analytic FLOP count
-(ltstudy.models.flops) per second over the device's peak: configured, or measured with a
-large matmul. A length that does not fit in memory is recorded with status "oom".
+Modes: `train` (forward + backward of the LM loss), `prefill` (forward without gradients, up to
+the final hidden states) and `decode` (one token at a time through the cache after a prefill of
+`seq_len` tokens). Each measurement runs `warmup` untimed steps, then `repeats` timed ones, and
+reports the median; CUDA events time the GPU, the wall clock the CPU. MFU is the FLOP count of
+ltstudy.models.flops (PaLM/torchtitan's 6·N + 12·L·H·Q·T for training) per second over the
+device's peak: given (`peak_tflops`), else the datasheet's dense bf16 peak of a known GPU, else
+a measured matmul (the CPU, an unknown GPU, fp32 compute); `peak_source` says which.
+
+Peak memory is per point: on CUDA the allocator's peak since the point began; on the CPU each
+point runs in a fresh process (the resident set's peak is a lifetime maximum). A length that
+does not fit in memory is recorded with status "oom".
 """
 
 from __future__ import annotations
 
+import json
 import statistics
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -20,6 +27,7 @@ import torch
 from ltstudy.device import (
     autocast,
     configure_threads,
+    datasheet_peak_tflops,
     device_name,
     peak_memory_mb,
     pick_device,
@@ -27,7 +35,8 @@ from ltstudy.device import (
     synchronize,
 )
 from ltstudy.models.flops import flops_per_token
-from ltstudy.models.transformer import build_model
+from ltstudy.models.transformer import build_model, count_parameters
+from ltstudy.plan.benchmark import run_fresh
 from ltstudy.results.schemas import identity, table_frame, write_table
 
 MODES = ("train", "prefill", "decode")
@@ -57,6 +66,18 @@ def measure_peak_tflops(device: torch.device, dtype: str) -> float:
     synchronize(device)
     seconds = statistics.median(_timed(lambda: a @ b, device) for _ in range(10))
     return 2 * n**3 / seconds / 1e12
+
+
+def device_peak(device: torch.device, dtype: str, given: float | None = None) -> tuple[float, str]:
+    """(TFLOP/s, source) that MFU divides by: given, the datasheet's (a known GPU computing in
+    bf16), or measured."""
+    if given:
+        return given, "given"
+    if device.type == "cuda" and dtype == "bf16":
+        peak = datasheet_peak_tflops(torch.cuda.get_device_name(device))
+        if peak:
+            return peak, "datasheet"
+    return measure_peak_tflops(device, dtype), "measured"
 
 
 def _step(
@@ -105,6 +126,8 @@ def measure(
     seed: int = 0,
     decode_tokens: int = 16,
 ) -> dict[str, Any]:
+    """One point in this process: the peak memory is this process's since the point began on
+    CUDA, but its lifetime peak on the CPU (so run CPU points with `measure_fresh`)."""
     device = next(model.parameters()).device
     params = sum(p.numel() for p in model.parameters())
     flops = flops_per_token(model.cfg.to_dict(), params, seq_len, mode)
@@ -124,54 +147,88 @@ def measure(
     except torch.OutOfMemoryError:
         model.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
-        return {
-            "status": "oom",
-            "tokens_per_s": None,
-            "step_ms": None,
-            "peak_memory_mb": None,
-            "flops_per_token": flops,
-            "achieved_tflops": None,
-            "mfu": None,
-        }
+        return _oom(flops, params, peak_memory_mb(device)[1])
     median = statistics.median(times)
     produced = batch_size * (decode_tokens if mode == "decode" else seq_len)
     rate = produced / median
     achieved = rate * flops / 1e12
+    memory, kind = peak_memory_mb(device)
     return {
         "status": "ok",
         "tokens_per_s": rate,
         "step_ms": median * 1e3,
-        "peak_memory_mb": peak_memory_mb(device)[0],
+        "peak_memory_mb": memory,
+        "memory_kind": kind,
+        "params": params,
         "flops_per_token": flops,
         "achieved_tflops": achieved,
         "mfu": achieved / peak_tflops,
     }
 
 
+def _oom(flops: float, params: int, memory_kind: str) -> dict[str, Any]:
+    return {
+        "status": "oom",
+        "tokens_per_s": None,
+        "step_ms": None,
+        "peak_memory_mb": None,
+        "memory_kind": memory_kind,
+        "params": params,
+        "flops_per_token": flops,
+        "achieved_tflops": None,
+        "mfu": None,
+    }
+
+
+def measure_point(point: Mapping[str, Any]) -> dict[str, Any]:
+    """A CPU point in this process: the body of `measure_fresh`'s child."""
+    torch.set_num_threads(point["threads"])
+    model = build_model(point["model"], seed=point["seed"], device="cpu")
+    return measure(model, **{k: v for k, v in point.items() if k not in ("model", "threads")})
+
+
+def measure_fresh(model_cfg: Mapping[str, Any], **args: Any) -> dict[str, Any]:
+    """`measure` on the CPU in a fresh process (with this process's threads), so that the
+    resident set's peak is this point's alone."""
+    point = {"model": dict(model_cfg), "threads": torch.get_num_threads(), **args}
+    status, result = run_fresh("ltstudy.evaluate.throughput", point)
+    if status == "oom":
+        params = count_parameters(model_cfg)["total"]
+        flops = flops_per_token(model_cfg, params, args["seq_len"], args["mode"])
+        return _oom(flops, params, "cpu_peak_rss")
+    if result is None:
+        raise RuntimeError(f"throughput point {args['mode']} {args['seq_len']}: {status}")
+    return result
+
+
 def throughput_rows(
     spec: Mapping[str, Any],
-    model: torch.nn.Module,
+    model: torch.nn.Module | None,
     cfg: Mapping[str, Any],
-    peak_tflops: float,
+    peak: tuple[float, str],
     log: Callable[[str], None] = print,
 ) -> list[dict]:
-    device = next(model.parameters()).device
-    params = sum(p.numel() for p in model.parameters())
+    """Every context x mode: with `model` in this process (a GPU), without it each point in a
+    fresh process on the CPU. `peak` is (TFLOP/s, source), from `device_peak`."""
+    device = torch.device("cpu") if model is None else next(model.parameters()).device
     rows = []
     for seq_len in sorted(cfg["contexts"]):
         for mode in cfg["modes"]:
-            result = measure(
-                model,
-                seq_len,
-                cfg["batch_size"],
-                mode,
-                cfg["warmup"],
-                cfg["repeats"],
-                spec["train"]["dtype"],
-                peak_tflops,
-                spec["seed"],
-                cfg["decode_tokens"],
-            )
+            args = {
+                "seq_len": seq_len,
+                "batch_size": cfg["batch_size"],
+                "mode": mode,
+                "warmup": cfg["warmup"],
+                "repeats": cfg["repeats"],
+                "dtype": spec["train"]["dtype"],
+                "peak_tflops": peak[0],
+                "seed": spec["seed"],
+                "decode_tokens": cfg["decode_tokens"],
+            }
+            if model is None:
+                result = measure_fresh(spec["model"], **args)
+            else:
+                result = measure(model, **args)
             rows.append(
                 {
                     **identity(spec),
@@ -179,16 +236,16 @@ def throughput_rows(
                     "seq_len": seq_len,
                     "batch_size": cfg["batch_size"],
                     **result,
-                    "memory_kind": peak_memory_mb(device)[1],
                     "device": device_name(device),
-                    "params": params,
-                    "peak_tflops": peak_tflops,
+                    "peak_tflops": peak[0],
+                    "peak_source": peak[1],
                 }
             )
             if result["status"] == "ok":
                 log(
                     f"[throughput {spec['run_id']}] {mode} {seq_len:,}: "
-                    f"{result['tokens_per_s']:,.0f} tok/s, MFU {100 * result['mfu']:.1f}%"
+                    f"{result['tokens_per_s']:,.0f} tok/s, {result['peak_memory_mb']:,.0f} MB, "
+                    f"MFU {100 * result['mfu']:.1f}% of {peak[0]:.4g} TFLOP/s ({peak[1]})"
                 )
             else:
                 log(f"[throughput {spec['run_id']}] {mode} {seq_len:,}: out of memory")
@@ -199,24 +256,31 @@ def evaluate_throughput(spec: Mapping[str, Any], out_path: str) -> None:
     cfg = spec["evaluate"]["throughput"]
     device = pick_device()
     configure_threads(spec["resources"]["evaluate"]["cpus_per_task"])
-    model = build_model(spec["model"], seed=spec["seed"], device=device)
-    peak = cfg["peak_tflops"] or measure_peak_tflops(device, spec["train"]["dtype"])
+    peak = device_peak(device, spec["train"]["dtype"], cfg["peak_tflops"])
+    model = None
+    if device.type == "cuda":
+        model = build_model(spec["model"], seed=spec["seed"], device=device)
     write_table("throughput", throughput_rows(spec, model, cfg, peak), out_path)
 
 
 def benchmark(specs: Sequence[Mapping[str, Any]], peak_tflops: float | None = None):
-    """Throughput of several run specs in this process (the `ltstudy throughput` command)."""
+    """Throughput of several run specs (the `ltstudy throughput` command): on a GPU in this
+    process, on the CPU each point in a fresh one."""
     device = pick_device()
     rows = []
     for spec in specs:
-        peak = peak_tflops or spec["evaluate"]["throughput"]["peak_tflops"]
-        peak = peak or measure_peak_tflops(device, spec["train"]["dtype"])
-        try:
-            model = build_model(spec["model"], seed=spec["seed"], device=device)
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            print(f"[throughput {spec['run_id']}] the weights do not fit on {device}", flush=True)
-            continue
+        given = peak_tflops or spec["evaluate"]["throughput"]["peak_tflops"]
+        peak = device_peak(device, spec["train"]["dtype"], given)
+        model = None
+        if device.type == "cuda":
+            try:
+                model = build_model(spec["model"], seed=spec["seed"], device=device)
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                print(
+                    f"[throughput {spec['run_id']}] the weights do not fit on {device}", flush=True
+                )
+                continue
         rows += throughput_rows(
             spec, model, spec["evaluate"]["throughput"], peak, lambda line: print(line, flush=True)
         )
@@ -224,3 +288,7 @@ def benchmark(specs: Sequence[Mapping[str, Any]], peak_tflops: float | None = No
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return table_frame("throughput", rows)
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure_point(json.loads(sys.argv[1]))), flush=True)

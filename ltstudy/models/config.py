@@ -16,8 +16,12 @@ class TTTConfig:
     target: str = "embeddings"  # embeddings | mlp_input
     w_target: bool = True
     clip_tau: float | None = None
-    clip_order: str = "after_eta"  # after_eta | before_eta
+    clip_order: str = "before_eta"  # before_eta (the paper: ||ΔW_i|| <= τ) | after_eta
+    clip_at: str = "inference"  # inference | always (also while training)
     reset_at_documents: bool = False
+    # the tokenizer's end-of-document id; documents start after it (filled from the run's
+    # tokenizer when reset_at_documents is on)
+    document_separator: int | None = None
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Gated DeltaNet (Yang et al., ICLR 2025): the delta rule with a Mamba2-style scalar decay.
 
 q, k, v pass a short causal conv; q and k are L2-normalised per head; β = sigmoid(b_proj x);
-decay g = -exp(A_log) · softplus(a_proj x + dt_bias). Output: gated RMSNorm, then projection.
+decay g = -exp(A_log) · softplus(a_proj x + dt_bias). Output: RMSNorm(o)·w·silu(g_proj x) per
+head (norm, then gate, as FLA's FusedRMSNormGated), then projection.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class GatedDeltaNet(nn.Module):
         self.q_conv = ShortConv(inner, m["conv_size"])
         self.k_conv = ShortConv(inner, m["conv_size"])
         self.v_conv = ShortConv(inner, m["conv_size"])
-        self.o_norm = GatedRMSNorm(self.head_dim, cfg.norm_eps)
+        self.o_norm = GatedRMSNorm(self.head_dim, cfg.norm_eps, norm_before_gate=True)
         self.o_proj = nn.Linear(inner, d, bias=False)
 
     def forward(self, x: Tensor, rope: object = None, cache: dict | None = None) -> Tensor:

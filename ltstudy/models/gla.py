@@ -28,7 +28,7 @@ class GatedLinearAttention(nn.Module):
         self.g_proj = nn.Linear(d, hv, bias=False)
         self.gk_down = nn.Linear(d, m["gate_rank"], bias=False)
         self.gk_up = nn.Linear(m["gate_rank"], hk, bias=True)
-        self.o_norm = GatedRMSNorm(self.value_dim, cfg.norm_eps)
+        self.o_norm = GatedRMSNorm(self.value_dim, cfg.norm_eps, norm_before_gate=True)
         self.o_proj = nn.Linear(hv, d, bias=False)
 
     def forward(self, x: Tensor, rope: object = None, cache: dict | None = None) -> Tensor:

@@ -18,10 +18,35 @@ class RMSNorm(nn.Module):
 
 
 class GatedRMSNorm(RMSNorm):
-    """RMSNorm(y) * silu(gate), the output norm of Mamba2 and Gated DeltaNet."""
+    """RMSNorm with a SiLU gate, in either order (mamba_ssm's RMSNormGated, without bias).
+
+    norm_before_gate=True: RMSNorm(x)·w·silu(gate), Gated DeltaNet's output norm.
+    norm_before_gate=False: RMSNorm(x·silu(gate))·w, Mamba2's, where the gate also scales what
+    is normalised. `group_size` normalises each group of that many channels on its own (Mamba2
+    uses d_inner / n_groups); None = all channels.
+    """
+
+    def __init__(
+        self, dim: int, eps: float, *, norm_before_gate: bool, group_size: int | None = None
+    ):
+        super().__init__(dim, eps)
+        self.norm_before_gate = norm_before_gate
+        self.group_size = group_size or dim
+        if dim % self.group_size:
+            raise ValueError(f"group_size {self.group_size} does not divide {dim} channels")
 
     def forward(self, x: Tensor, gate: Tensor) -> Tensor:  # type: ignore[override]
-        return super().forward(x) * F.silu(gate)
+        dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 -> float32
+        gate = F.silu(gate.to(dtype))
+        h = x.to(dtype) if self.norm_before_gate else x.to(dtype) * gate
+        weight = self.weight.to(dtype)
+        if self.group_size == h.shape[-1]:
+            h = F.rms_norm(h, (self.group_size,), weight, self.eps)
+        else:
+            groups = h.unflatten(-1, (-1, self.group_size))
+            rms = groups.square().mean(-1, keepdim=True).add(self.eps).rsqrt()
+            h = (groups * rms).flatten(-2) * weight
+        return (h * gate if self.norm_before_gate else h).type_as(x)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -2,7 +2,9 @@
 
 in_proj gives z (gate), x, B, C and dt; x, B, C pass a short causal conv; the SSM
 h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_tᵀ, y_t = C_tᵀ h_t + D x_t is linear attention with one
-scalar decay per head (q = C, k = B, v = x·dt, g = A·dt). Output: gated RMSNorm, then out_proj.
+scalar decay per head (q = C, k = B, v = x·dt, g = A·dt). Output: RMSNorm(y·silu(z))·w per group
+of d_inner / n_groups channels (mamba_ssm's RMSNormGated with norm_before_gate=False, the gate
+applied before the norm), then out_proj.
 """
 
 from __future__ import annotations
@@ -31,7 +33,12 @@ class Mamba2(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(self.n_heads))
         self.dt_bias = nn.Parameter(torch.zeros(self.n_heads))
         self.D = nn.Parameter(torch.ones(self.n_heads))
-        self.norm = GatedRMSNorm(self.d_inner, cfg.norm_eps)
+        self.norm = GatedRMSNorm(
+            self.d_inner,
+            cfg.norm_eps,
+            norm_before_gate=False,
+            group_size=self.d_inner // self.n_groups,
+        )
         self.out_proj = nn.Linear(self.d_inner, cfg.d_model, bias=False)
 
     def forward(self, x: Tensor, rope: object = None, cache: dict | None = None) -> Tensor:

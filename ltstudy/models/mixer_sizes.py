@@ -29,7 +29,17 @@ MIXER_DEFAULTS: dict[str, dict[str, Any]] = {
         "conv_size": 4,
         "chunk_size": 64,
     },
-    "lact": {"chunk_size": 2048, "hidden_ratio": 1, "base_lr": 0.01},
+    "lact": {  # the official LaCT LM's defaults (a1600012888/LaCT, LaCTSWIGLUConfig)
+        "chunk_size": 2048,
+        "hidden_ratio": 1,
+        "base_lr": 0.001,
+        "use_muon": False,
+        "use_momentum": True,
+        "v_silu": True,
+        "fast_rope": True,
+        "qk_scale_offset": True,
+        "learnable_ttt_scale": True,
+    },
 }
 
 
@@ -47,7 +57,10 @@ def mixer_parameters(
         return attention_parameters(dims)
     if settings_name == "lact":
         H, hd = dims["n_heads"], dims["head_dim"]
-        return attention_parameters(dims) + 3 * H * m["hidden_ratio"] * hd * hd + 3 * d * H + hd
+        fast = 3 * H * m["hidden_ratio"] * hd * hd + 3 * (d + 1) * H + hd  # W1-3, lr_proj, norm
+        fast += 4 * H * hd if m["qk_scale_offset"] else 0
+        fast += (d + 1) * H * (int(m["use_momentum"]) + int(m["learnable_ttt_scale"]))
+        return attention_parameters(dims) + fast
     H = m["n_heads"]
     if settings_name == "gla":
         hk, hv = H * m["key_dim"], H * m["value_dim"]

@@ -81,7 +81,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "head_dim": 32,
         "d_ff": 384,
         "swa_window": 64,
-        "mixers": {"mamba2": {"head_dim": 32, "d_state": 32}, "lact": {"chunk_size": 128}},
+        "mixers": {"mamba2": {"head_dim": 32, "d_state": 32}, "lact": {"chunk_size": 64}},
     },
     "micro": {
         **_TINY,
@@ -94,7 +94,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "swa_window": 8,
         "mixers": {
             "mamba2": {"head_dim": 8, "d_state": 8},
-            "lact": {"chunk_size": 16},
+            "lact": {"chunk_size": 8},  # chunks no longer than the window
             "gla": {"chunk_size": 8},
             "deltanet": {"chunk_size": 16},
             "hybrid": {"full_every": 2},

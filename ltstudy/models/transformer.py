@@ -60,10 +60,12 @@ class Block(nn.Module):
 
 @dataclass
 class Cache:
-    """Decoding state: per layer what its mixer and MLP keep, and the tokens seen so far."""
+    """Decoding state: per layer what its mixer and MLP keep, the tokens seen so far and, per
+    row, whether the last one ended a document (so the next call's first token starts one)."""
 
     layers: list[dict] = field(default_factory=list)
     position: int = 0
+    ended_document: Tensor | None = None
 
 
 class LanguageModel(nn.Module):
@@ -90,12 +92,34 @@ class LanguageModel(nn.Module):
         """Change the position extension method (e.g. YaRN for one evaluation length)."""
         self.rotary = Rotary(self.cfg.head_dim, self.cfg.rope_base, scaling)
 
-    def hidden_states(
-        self, input_ids: Tensor, cache: Cache | None = None, doc_starts: Tensor | None = None
-    ) -> Tensor:
+    def document_starts(self, input_ids: Tensor, cache: Cache | None = None) -> Tensor | None:
+        """Where documents begin [B, T] (bool), for TTT layers that reset their fast weights
+        there (None when none does): the first token of a sequence and every token after the
+        tokenizer's end-of-document id, also across the calls of a cached stream."""
+        ttt = self.cfg.ttt
+        if ttt is None or not ttt.reset_at_documents:
+            return None
+        if ttt.document_separator is None:
+            raise ValueError(
+                "model.ttt.reset_at_documents needs the end-of-document token id: set "
+                "ttt.document_separator to the tokenizer's eos_id"
+            )
+        ends = input_ids == ttt.document_separator
+        starts = torch.zeros_like(ends)
+        starts[:, 1:] = ends[:, :-1]
+        if cache is None or cache.ended_document is None:
+            starts[:, 0] = True
+        else:
+            starts[:, 0] = cache.ended_document
+        if cache is not None:
+            cache.ended_document = ends[:, -1]
+        return starts
+
+    def hidden_states(self, input_ids: Tensor, cache: Cache | None = None) -> Tensor:
         """Final normalised hidden states [B, T, d_model]. With a cache, input_ids continue the
         sequence the cache has seen, and the cache is updated."""
         start = 0 if cache is None else cache.position
+        doc_starts = self.document_starts(input_ids, cache)
         embeddings = self.embed_tokens(input_ids)
         rope = self.rotary(start, input_ids.shape[1], input_ids.device)
         x = embeddings
@@ -110,13 +134,7 @@ class LanguageModel(nn.Module):
         """Logits [B, T, vocab]."""
         return self.lm_head(self.hidden_states(input_ids, cache))
 
-    def token_losses(
-        self,
-        input_ids: Tensor,
-        labels: Tensor,
-        doc_starts: Tensor | None = None,
-        chunk: int | None = None,
-    ) -> Tensor:
+    def token_losses(self, input_ids: Tensor, labels: Tensor, chunk: int | None = None) -> Tensor:
         """Per-token cross-entropy [B, T] (0 where labels == -100).
 
         The LM head and softmax run in chunks of tokens, recomputed in the backward pass, so
@@ -124,7 +142,7 @@ class LanguageModel(nn.Module):
         holds about 2^26 logits whatever the vocabulary (2,048 tokens at 32K, 256 at 152K).
         """
         chunk = chunk or loss_chunk(self.cfg.vocab_size)
-        hidden = self.hidden_states(input_ids, doc_starts=doc_starts)
+        hidden = self.hidden_states(input_ids)
         pieces = []
         for start in range(0, hidden.shape[1], chunk):
             h, y = hidden[:, start : start + chunk], labels[:, start : start + chunk]

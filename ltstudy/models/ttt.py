@@ -7,6 +7,13 @@ diagonal. A zero conv gives V̂ = 0, so the layer starts exactly as its backbone
 Decoding keeps, per layer, what earlier chunks wrote (`S`) and the inputs of the chunk being
 filled; when that chunk completes its target is computed and its write applied, exactly as the
 chunked training form does.
+
+With `reset_at_documents` the fast weights start again from W_down at every document start
+(the model marks them, see LanguageModel.document_starts), in training, evaluation and decoding
+alike: each document is run as its own sequence, chunks aligned to its start.
+
+Clipping (`clip_tau`) is the paper's inference-time rule: with `clip_at: inference` it is off
+while the outer loop trains (module in train mode with autograd on) and on otherwise.
 """
 
 from __future__ import annotations
@@ -63,6 +70,14 @@ class InPlaceTTTMLP(SwiGLU):
         v = source if self.ttt_conv is None else self.ttt_conv(source, history)
         return v if self.ttt_proj is None else self.ttt_proj(v)
 
+    def clipping(self) -> bool:
+        """Whether updates are clipped now: always, or (`clip_at: inference`) unless the outer
+        loop is training, i.e. unless the module is in train mode with autograd on."""
+        if self.ttt.clip_tau is None:
+            return False
+        training = self.training and torch.is_grad_enabled()
+        return self.ttt.clip_at == "always" or not training
+
     def _run_chunks(
         self, z: Tensor, source: Tensor, state: Tensor | None = None, history: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
@@ -72,7 +87,7 @@ class InPlaceTTTMLP(SwiGLU):
             self.down_proj.weight,
             eta=self.ttt.eta,
             chunk_size=self.ttt.chunk_size,
-            clip_tau=self.ttt.clip_tau,
+            clip_tau=self.ttt.clip_tau if self.clipping() else None,
             clip_order=self.ttt.clip_order,
             state=state,
         )
@@ -84,26 +99,31 @@ class InPlaceTTTMLP(SwiGLU):
         cache: dict | None = None,
         doc_starts: Tensor | None = None,
     ) -> Tensor:
+        """`doc_starts` [B, T] (bool) marks where documents begin; with `reset_at_documents`
+        the fast weights restart there (with a cache, the next call continues the last one's
+        document unless its first token is marked)."""
         source = x if self.ttt.target == "mlp_input" else embeddings
         z = self.activations(x)
-        if cache is not None:
-            return self._forward_cached(z, source, cache)
-        if doc_starts is not None and self.ttt.reset_at_documents:
-            return self._forward_per_document(z, source, doc_starts)
-        return self._run_chunks(z, source)[0]
-
-    def _forward_per_document(self, z: Tensor, source: Tensor, doc_starts: Tensor) -> Tensor:
-        """Fast weights start again from W_down at every document start (a packed sequence is
-        processed as its separate documents, chunks aligned to each document)."""
-        rows = []
+        if doc_starts is None or not self.ttt.reset_at_documents:
+            if cache is not None:
+                return self._forward_cached(z, source, cache)
+            return self._run_chunks(z, source)[0]
+        # Each row on its own: its documents start at different places.
+        rows = None if cache is None else cache.setdefault("rows", [{} for _ in range(z.shape[0])])
+        outputs = []
         for b in range(z.shape[0]):
-            starts = [0, *[int(i) for i in doc_starts[b].nonzero().flatten() if i > 0], z.shape[1]]
-            pieces = [
-                self._run_chunks(z[b : b + 1, s:e], source[b : b + 1, s:e])[0]
-                for s, e in itertools.pairwise(starts)
-            ]
-            rows.append(torch.cat(pieces, dim=1))
-        return torch.cat(rows, dim=0)
+            starts = [int(i) for i in doc_starts[b].nonzero().flatten()]
+            pieces = []
+            for s, e in itertools.pairwise(sorted({0, *starts, z.shape[1]})):
+                zb, sb = z[b : b + 1, s:e], source[b : b + 1, s:e]
+                if rows is None:
+                    pieces.append(self._run_chunks(zb, sb)[0])
+                    continue
+                if doc_starts[b, s]:
+                    rows[b].clear()  # a new document: back to W_down, chunks from here
+                pieces.append(self._forward_cached(zb, sb, rows[b]))
+            outputs.append(torch.cat(pieces, dim=1))
+        return torch.cat(outputs, dim=0)
 
     def _forward_cached(self, z: Tensor, source: Tensor, cache: dict) -> Tensor:
         C = self.ttt.chunk_size

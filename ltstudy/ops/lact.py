@@ -2,15 +2,21 @@
 
 Per head the fast weight is a SwiGLU f_W(x) = W2 (silu(W1 x) ⊙ (W3 x)). The sequence is cut into
 large chunks; each chunk first *applies* the current weights to its queries, then *updates* them
-with one gradient step on L = -Σ_i η_i <f_W(k_i), v_i> (per-token learning rates η for each of
-W1, W2, W3), after which every row of every matrix is rescaled to the norm it had initially.
+with one step on L = -Σ_i η_i <f_W(k_i), v_i> (per-token learning rates η for each of W1, W2,
+W3), after which every row of every matrix is rescaled to the norm it had initially. As in the
+official `block_causal_lact_swiglu` (a1600012888/LaCT, lact_llm), the step Δ = -∇L may carry
+momentum (Δ += m·Δ_prev, m the chunk's mean per-token momentum, the buffer kept before Muon) and
+may be orthogonalised by Newton-Schulz (Muon) before it is added.
 
-Shapes: q, k, v [B, H, T, D]; lr [B, H, T, 3]; weights (W1 [.., F, D], W2 [.., D, F],
-W3 [.., F, D]) per head ([H, ...]) or per sequence ([B, H, ...]). `lact` uses hand-derived
-gradients; `lact_reference` gets them from autograd.
+Shapes: q, k, v [B, H, T, D]; lr [B, H, T, 3]; momentum [B, H, T]; weights (W1 [.., F, D],
+W2 [.., D, F], W3 [.., F, D]) per head ([H, ...]) or per sequence ([B, H, ...]). `lact` uses
+hand-derived gradients; `lact_reference` gets them from autograd. Both run in the inputs' dtype
+(the official code runs Newton-Schulz in bfloat16).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,30 +24,73 @@ from torch import Tensor
 
 Weights = tuple[Tensor, Tensor, Tensor]
 
+# The official LM code's quintic Newton-Schulz schedule (lact_llm/ttt_operation.py), one
+# (a, b, c) per iteration; Muon's original constant one is 5 x (3.4445, -4.7750, 2.0315).
+NS_COEFFICIENTS = (
+    (4.0848, -6.8946, 2.9270),
+    (3.9505, -6.3029, 2.6377),
+    (3.7418, -5.5913, 2.3037),
+    (2.8769, -3.1427, 1.2046),
+    (2.8366, -3.0525, 1.2012),
+)
+
+
+class LaCTState(NamedTuple):
+    """Fast weights of each sequence, and the last step (momentum buffer) when momentum is on."""
+
+    weights: Weights
+    velocity: Weights | None
+
+
+def newton_schulz(g: Tensor, coefficients=NS_COEFFICIENTS) -> Tensor:
+    """Push the singular values of each matrix in g toward 1 (keeping its singular vectors), as
+    Muon does: scale to Frobenius norm 1, then X <- aX + (bA + cA²)X with A = XXᵀ."""
+    tall = g.shape[-2] > g.shape[-1]
+    x = g.mT if tall else g
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for a, b, c in coefficients:
+        A = x @ x.mT
+        x = a * x + (b * A + c * A @ A) @ x
+    return x.mT if tall else x
+
 
 def swiglu_apply(weights: Weights, x: Tensor) -> Tensor:
     w1, w2, w3 = weights
     return (F.silu(x @ w1.transpose(-1, -2)) * (x @ w3.transpose(-1, -2))) @ w2.transpose(-1, -2)
 
 
-def _renormalize(weights: Weights, norms: Weights) -> Weights:
-    return tuple(
-        w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12) * n
-        for w, n in zip(weights, norms, strict=True)
-    )
-
-
 def row_norms(weights: Weights) -> Weights:
     return tuple(w.norm(dim=-1, keepdim=True) for w in weights)
 
 
-def _per_sequence(weights: Weights, batch: int) -> Weights:
-    return tuple(w.expand(batch, *w.shape) if w.dim() == 3 else w for w in weights)
+def _advance(
+    state: LaCTState, norms: Weights, deltas: Weights, momentum: Tensor | None, use_muon: bool
+) -> LaCTState:
+    """Momentum, Muon, add, then rescale every row to its initial norm (official order)."""
+    velocity = None
+    if momentum is not None:
+        m = momentum.mean(dim=-1)[..., None, None]  # one rate per sequence and head
+        deltas = velocity = tuple(d + m * p for d, p in zip(deltas, state.velocity, strict=True))
+    if use_muon:
+        deltas = tuple(newton_schulz(d) for d in deltas)
+    weights = []
+    for w, d, n in zip(state.weights, deltas, norms, strict=True):
+        w = w + d
+        weights.append(w / (w.norm(dim=-1, keepdim=True) + 1e-5) * n)
+    return LaCTState(tuple(weights), velocity)
 
 
-def lact_step(weights: Weights, norms: Weights, k: Tensor, v: Tensor, lr: Tensor) -> Weights:
+def lact_step(
+    state: LaCTState,
+    norms: Weights,
+    k: Tensor,
+    v: Tensor,
+    lr: Tensor,
+    momentum: Tensor | None = None,
+    use_muon: bool = False,
+) -> LaCTState:
     """One update with the analytic gradient of -Σ η <f_W(k), v>."""
-    w1, w2, w3 = weights
+    w1, w2, w3 = state.weights
     h1, h3 = k @ w1.transpose(-1, -2), k @ w3.transpose(-1, -2)
     sig = torch.sigmoid(h1)
     act = h1 * sig
@@ -51,32 +100,58 @@ def lact_step(weights: Weights, norms: Weights, k: Tensor, v: Tensor, lr: Tensor
     g3 = d_act * act
     d_w1 = torch.einsum("bhc,bhcf,bhcd->bhfd", lr[..., 0], g1, k)
     d_w3 = torch.einsum("bhc,bhcf,bhcd->bhfd", lr[..., 2], g3, k)
-    return _renormalize((w1 + d_w1, w2 + d_w2, w3 + d_w3), norms)
+    return _advance(state, norms, (d_w1, d_w2, d_w3), momentum, use_muon)
 
 
-def _reference_step(weights: Weights, norms: Weights, k: Tensor, v: Tensor, lr: Tensor) -> Weights:
+def _reference_step(
+    state: LaCTState,
+    norms: Weights,
+    k: Tensor,
+    v: Tensor,
+    lr: Tensor,
+    momentum: Tensor | None = None,
+    use_muon: bool = False,
+) -> LaCTState:
     with torch.enable_grad():
-        ws = tuple(w if w.requires_grad else w.detach().requires_grad_() for w in weights)
-        out = swiglu_apply(ws, k)  # [B, H, C, D]
-        per_token = (out * v).sum(-1)  # <f_W(k_i), v_i>
-        grads = []
+        ws = tuple(w if w.requires_grad else w.detach().requires_grad_() for w in state.weights)
+        per_token = (swiglu_apply(ws, k) * v).sum(-1)  # <f_W(k_i), v_i>
+        deltas = []
         for index, w in enumerate(ws):
             loss = -(lr[..., index] * per_token).sum()  # each matrix has its own rates
-            grads.append(torch.autograd.grad(loss, w, create_graph=True)[0])
-    return _renormalize(tuple(w - g for w, g in zip(ws, grads, strict=True)), norms)
+            deltas.append(-torch.autograd.grad(loss, w, create_graph=True)[0])
+    return _advance(LaCTState(ws, state.velocity), norms, tuple(deltas), momentum, use_muon)
+
+
+def initial_state(weights: Weights, batch: int, momentum: bool) -> LaCTState:
+    """Each sequence starts from the learned weights (and a zero momentum buffer)."""
+    per_sequence = tuple(w.expand(batch, *w.shape) if w.dim() == 3 else w for w in weights)
+    velocity = tuple(torch.zeros_like(w) for w in per_sequence) if momentum else None
+    return LaCTState(per_sequence, velocity)
 
 
 def _run(
-    step, q, k, v, lr, weights: Weights, chunk_size: int, state: Weights | None
-) -> tuple[Tensor, Weights]:
+    step,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lr: Tensor,
+    weights: Weights,
+    chunk_size: int,
+    state: LaCTState | None,
+    momentum: Tensor | None,
+    use_muon: bool,
+) -> tuple[Tensor, LaCTState]:
     norms = row_norms(weights)
-    current = _per_sequence(weights, q.shape[0]) if state is None else state
+    current = initial_state(weights, q.shape[0], momentum is not None) if state is None else state
     outputs = []
     for start in range(0, q.shape[2], chunk_size):
         part = slice(start, start + chunk_size)
-        outputs.append(swiglu_apply(current, q[:, :, part]))
+        outputs.append(swiglu_apply(current.weights, q[:, :, part]))
         if q[:, :, part].shape[2] == chunk_size:
-            current = step(current, norms, k[:, :, part], v[:, :, part], lr[:, :, part])
+            m = None if momentum is None else momentum[:, :, part]
+            current = step(
+                current, norms, k[:, :, part], v[:, :, part], lr[:, :, part], m, use_muon
+            )
     return torch.cat(outputs, dim=2), current
 
 
@@ -87,10 +162,15 @@ def lact(
     lr: Tensor,
     weights: Weights,
     chunk_size: int,
-    state: Weights | None = None,
-) -> tuple[Tensor, Weights]:
-    """Apply-then-update over chunks; returns (output, weights after the last complete chunk)."""
-    return _run(lact_step, q, k, v, lr, weights, chunk_size, state)
+    state: LaCTState | None = None,
+    momentum: Tensor | None = None,
+    use_muon: bool = False,
+) -> tuple[Tensor, LaCTState]:
+    """Apply-then-update over chunks; returns (output, state after the last complete chunk).
+
+    `weights` are the learned initial fast weights (their row norms are kept); `state`, if
+    given, is where a previous call stopped."""
+    return _run(lact_step, q, k, v, lr, weights, chunk_size, state, momentum, use_muon)
 
 
 def lact_reference(
@@ -100,6 +180,8 @@ def lact_reference(
     lr: Tensor,
     weights: Weights,
     chunk_size: int,
-    state: Weights | None = None,
-) -> tuple[Tensor, Weights]:
-    return _run(_reference_step, q, k, v, lr, weights, chunk_size, state)
+    state: LaCTState | None = None,
+    momentum: Tensor | None = None,
+    use_muon: bool = False,
+) -> tuple[Tensor, LaCTState]:
+    return _run(_reference_step, q, k, v, lr, weights, chunk_size, state, momentum, use_muon)

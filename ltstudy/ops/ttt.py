@@ -22,7 +22,8 @@ from torch import Tensor
 def clip_update(delta: Tensor, eta: float, tau: float | None, order: str) -> Tensor:
     """η·ΔW with the update's Frobenius norm capped at τ (per sequence and chunk).
 
-    `order` says whether τ bounds ΔW before the η scaling or η·ΔW after it.
+    `order` says whether τ bounds ΔW before the η scaling (the paper's rule, so the write is at
+    most η·τ) or η·ΔW after it.
     """
     if tau is None:
         return eta * delta
@@ -118,7 +119,7 @@ def inplace_ttt(
     eta: float,
     chunk_size: int,
     clip_tau: float | None = None,
-    clip_order: str = "after_eta",
+    clip_order: str = "before_eta",
     state: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fast-weight MLP output for z: [B, T, F] (gated activations), v: [B, T, D] (targets).
@@ -141,7 +142,7 @@ def inplace_ttt_reference(
     eta: float,
     chunk_size: int,
     clip_tau: float | None = None,
-    clip_order: str = "after_eta",
+    clip_order: str = "before_eta",
     state: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Sequential apply-then-update over chunks, one weight matrix per sequence."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -39,7 +38,9 @@ COLUMNS = {
 
 
 def _rss_bytes() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from ltstudy.device import resident_peak_mb
+
+    return resident_peak_mb() * 2**20
 
 
 def measure_point(point: Mapping[str, Any]) -> dict[str, Any]:
@@ -94,7 +95,7 @@ def measure_point(point: Mapping[str, Any]) -> dict[str, Any]:
             counts = (float(point["context"]), 0.0)
 
             def run() -> None:
-                forward_backward(model, Batch(ids, flags, flags), share, spec, 0, counts)
+                forward_backward(model, Batch(ids, flags, flags), share, spec, counts)
                 clip_gradients(model, 1.0)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -134,6 +135,29 @@ def estimate_point(point: Mapping[str, Any], device: str) -> float:
     return estimate.tensors if device == "cuda" else estimate.total
 
 
+def run_fresh(
+    module: str, payload: Mapping[str, Any], timeout_s: float | None = None
+) -> tuple[str, dict[str, Any] | None]:
+    """Run `python -m <module> '<payload as JSON>'` in a fresh process, so that its peak memory
+    is its own: ("ok", the last JSON line it printed), or ("oom" | "failed: <last error line>" |
+    "timeout", None)."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", module, json.dumps(payload)],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    except subprocess.TimeoutExpired:
+        return "timeout", None
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+        return ("oom" if "out of memory" in reason.lower() else f"failed: {reason}"), None
+    return "ok", json.loads(lines[-1])
+
+
 def run_points(
     points: Sequence[Mapping[str, Any]],
     timeout_s: int = 900,
@@ -147,23 +171,7 @@ def run_points(
             f"{point['variant']:<9} {point['size']:<5} {point['context']:>8} {point['mode']:<8} "
             f"{point['activation_checkpointing']:<9}"
         )
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "ltstudy.plan.benchmark", json.dumps(point)],
-                capture_output=True,
-                text=True,
-                timeout=timeout_s,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-            if proc.returncode != 0 or not lines:
-                reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-                status = "oom" if "out of memory" in reason.lower() else f"failed: {reason}"
-                result = None
-            else:
-                status, result = "ok", json.loads(lines[-1])
-        except subprocess.TimeoutExpired:
-            status, result = "timeout", None
+        status, result = run_fresh("ltstudy.plan.benchmark", point, timeout_s)
         device = "cuda" if result and result["device"] != "cpu" else "cpu"
         if result is None:
             import torch

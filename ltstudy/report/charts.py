@@ -177,6 +177,41 @@ def ruler_by_task(ruler: pl.DataFrame) -> alt.Chart | None:
     )
 
 
+def lm_eval_scores(lm_eval: pl.DataFrame) -> pl.DataFrame:
+    """Each run's score per requested task (as the paper's Table 3): accuracy and normalised
+    accuracy of the task itself (a group's aggregate for mmlu), unfiltered, in percent."""
+    return (
+        lm_eval.filter(
+            (pl.col("status") == "ok")
+            & (pl.col("subtask") == pl.col("task"))
+            & pl.col("metric").is_in(["acc", "acc_norm"])
+            & (pl.col("filter") == "none")
+        )
+        .with_columns((pl.col("value") * 100).alias("score"))
+        .select("study", "run_id", "variant", "task", "metric", "score", "samples", "num_fewshot")
+        .sort("study", "run_id", "task", "metric")
+    )
+
+
+def lm_eval_by_task(scores: pl.DataFrame) -> alt.Chart | None:
+    """Accuracy per task and variant (skipped tasks are listed, not drawn)."""
+    if not scores.height:
+        return None
+    return (
+        alt.Chart(scores)
+        .mark_bar()
+        .encode(
+            x=alt.X("variant:N", title=None),
+            y=alt.Y("score:Q", scale=alt.Scale(domain=[0, 100]), title="accuracy (%)"),
+            color="variant:N",
+            column=alt.Column("task:N", title=None),
+            row=alt.Row("metric:N", title=None),
+            tooltip=["run_id", "task", "metric", alt.Tooltip("score:Q", format=".2f"), "samples"],
+        )
+        .properties(width=70, height=90)
+    )
+
+
 def passkey_heatmaps(passkey: pl.DataFrame) -> alt.Chart | None:
     """One heatmap per run (and position method), wrapped five to a row."""
     if not passkey.height:
@@ -258,6 +293,7 @@ def throughput_vs_context(throughput: pl.DataFrame) -> alt.Chart | None:
             "tokens_per_s",
             "peak_memory_mb",
             "mfu",
+            "peak_source",
         )
     )
     return (
@@ -274,6 +310,7 @@ def throughput_vs_context(throughput: pl.DataFrame) -> alt.Chart | None:
                 alt.Tooltip("tokens_per_s:Q", format=",.0f"),
                 alt.Tooltip("peak_memory_mb:Q", format=",.0f"),
                 alt.Tooltip("mfu:Q", format=".1%"),
+                "peak_source",
             ],
         )
         .properties(width=320, height=220)

@@ -91,6 +91,16 @@ def build_report(results_dir: str | Path, reports_dir: str | Path) -> Path:
         .sort("task")
     )
     skipped_note = "".join(f" {task}: skipped ({reason})." for task, reason in skipped.iter_rows())
+    lm_eval = charts.lm_eval_scores(t["lm_eval"])
+    lm_eval_skipped = "".join(
+        f" {task}: skipped ({reason})."
+        for task, reason in t["lm_eval"]
+        .filter(pl.col("status") == "skipped")
+        .select("task", "reason")
+        .unique()
+        .sort("task")
+        .iter_rows()
+    )
     sections = [
         (
             "Leaderboard",
@@ -109,7 +119,8 @@ def build_report(results_dir: str | Path, reports_dir: str | Path) -> Path:
         (
             "Perplexity of a fixed final block",
             "The paper's protocol: perplexity of the last "
-            "block of long validation documents as the context before it grows.",
+            "block of long validation documents as the context before it grows (the window, "
+            "context and block together, is the evaluation length).",
             None,
             charts.perplexity_vs_length(t["perplexity"], "final_block"),
         ),
@@ -142,9 +153,17 @@ def build_report(results_dir: str | Path, reports_dir: str | Path) -> Path:
             charts.ruler_by_task(t["ruler"]),
         ),
         (
+            "Short-context tasks (lm-evaluation-harness)",
+            "Accuracy (acc) and length-normalised accuracy (acc_norm) in percent per task, as "
+            "the paper's Table 3 reports HellaSwag, ARC-E/C, MMLU and PIQA." + lm_eval_skipped,
+            html_table(lm_eval) if lm_eval.height else None,
+            charts.lm_eval_by_task(lm_eval),
+        ),
+        (
             "Throughput vs context",
             "Median tokens/s of a training step (forward + backward), of "
-            "prefill and of decoding, random weights; log-log. MFU is in the tooltips.",
+            "prefill and of decoding, random weights; log-log. MFU (PaLM/torchtitan FLOPs over "
+            "the datasheet, measured or given peak) is in the tooltips.",
             None,
             charts.throughput_vs_context(t["throughput"]),
         ),

@@ -40,6 +40,7 @@ TABLES: dict[str, pl.Schema] = {
         "rope": pl.String,
         "stride": pl.Int64,
         "block": pl.Int64,
+        "window_context": pl.Int64,
         "windows": pl.Int64,
         "tokens_scored": pl.Int64,
         "nll": pl.Float64,
@@ -77,6 +78,21 @@ TABLES: dict[str, pl.Schema] = {
         "prediction": pl.String,
         "references": pl.String,
     }),
+    # One row per (task, subtask, metric, filter) as lm-evaluation-harness reports it; a task
+    # without local data is one row with status "skipped" and the reason.
+    "lm_eval": pl.Schema({
+        **IDENTITY,
+        "task": pl.String,
+        "subtask": pl.String,
+        "metric": pl.String,
+        "filter": pl.String,
+        "value": pl.Float64,
+        "stderr": pl.Float64,
+        "num_fewshot": pl.Int64,
+        "samples": pl.Int64,
+        "status": pl.String,
+        "reason": pl.String,
+    }),
     "throughput": pl.Schema({
         **IDENTITY,
         "mode": pl.String,
@@ -92,6 +108,7 @@ TABLES: dict[str, pl.Schema] = {
         "flops_per_token": pl.Float64,
         "achieved_tflops": pl.Float64,
         "peak_tflops": pl.Float64,
+        "peak_source": pl.String,
         "mfu": pl.Float64,
     }),
     "runs": pl.Schema({
@@ -124,6 +141,7 @@ RUN_FILES = {
     "position_loss": "position_loss.parquet",
     "passkey": "passkey.parquet",
     "ruler": "ruler.parquet",
+    "lm_eval": "lm_eval.parquet",
     "throughput": "throughput.parquet",
 }
 # What each stage writes into the run folder, by output name.
@@ -132,6 +150,7 @@ STAGE_OUTPUTS = {
     "perplexity": {"table": RUN_FILES["perplexity"], "positions": RUN_FILES["position_loss"]},
     "passkey": {"table": RUN_FILES["passkey"]},
     "ruler": {"table": RUN_FILES["ruler"]},
+    "lm_eval": {"table": RUN_FILES["lm_eval"]},
     "throughput": {"table": RUN_FILES["throughput"]},
 }
 
@@ -147,6 +166,7 @@ TABLE_STAGE = {
     "position_loss": "perplexity",
     "passkey": "passkey",
     "ruler": "ruler",
+    "lm_eval": "lm_eval",
     "throughput": "throughput",
 }
 

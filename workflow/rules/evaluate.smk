@@ -1,5 +1,5 @@
-# Evaluate one run: perplexity, passkey and RULER on its trained model, throughput on random
-# weights.
+# Evaluate one run: perplexity, passkey, RULER and lm-evaluation-harness tasks on its trained
+# model, throughput on random weights.
 
 
 rule perplexity:
@@ -44,6 +44,20 @@ rule ruler:
         **run_resources("evaluate"),
     run:
         launch_run_stage("ruler", wildcards, output, resources)
+
+
+rule lm_eval:
+    input:
+        model=rules.train.output.model,
+    output:
+        **outputs_of("lm_eval"),
+    priority: 2
+    params:
+        settings=lambda wildcards: spec(wildcards)["evaluate"]["lm_eval"],
+    resources:
+        **run_resources("evaluate"),
+    run:
+        launch_run_stage("lm_eval", wildcards, output, resources)
 
 
 rule throughput:
