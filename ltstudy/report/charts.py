@@ -155,23 +155,22 @@ def ruler_by_task(ruler: pl.DataFrame) -> alt.Chart | None:
     data = ok.group_by("study", "variant", "run_id", "task", "length", "rope").agg(
         pl.col("score").mean().alias("score"), pl.len().alias("samples")
     )
+    tooltip = ["run_id", "task", "length", "rope", alt.Tooltip("score:Q", format=".1f"), "samples"]
+    return _scores_by_task(data, "score", alt.Row("length:O", title="length"), tooltip)
+
+
+def _scores_by_task(data: pl.DataFrame, title: str, row: alt.Row, tooltip: list) -> alt.Chart:
+    """Bars of a 0-100 `score` per variant, a column per task and a row per `row`."""
     return (
         alt.Chart(data)
         .mark_bar()
         .encode(
             x=alt.X("variant:N", title=None),
-            y=alt.Y("score:Q", scale=alt.Scale(domain=[0, 100]), title="score"),
+            y=alt.Y("score:Q", scale=alt.Scale(domain=[0, 100]), title=title),
             color="variant:N",
             column=alt.Column("task:N", title=None),
-            row=alt.Row("length:O", title="length"),
-            tooltip=[
-                "run_id",
-                "task",
-                "length",
-                "rope",
-                alt.Tooltip("score:Q", format=".1f"),
-                "samples",
-            ],
+            row=row,
+            tooltip=tooltip,
         )
         .properties(width=70, height=90)
     )
@@ -197,19 +196,8 @@ def lm_eval_by_task(scores: pl.DataFrame) -> alt.Chart | None:
     """Accuracy per task and variant (skipped tasks are listed, not drawn)."""
     if not scores.height:
         return None
-    return (
-        alt.Chart(scores)
-        .mark_bar()
-        .encode(
-            x=alt.X("variant:N", title=None),
-            y=alt.Y("score:Q", scale=alt.Scale(domain=[0, 100]), title="accuracy (%)"),
-            color="variant:N",
-            column=alt.Column("task:N", title=None),
-            row=alt.Row("metric:N", title=None),
-            tooltip=["run_id", "task", "metric", alt.Tooltip("score:Q", format=".2f"), "samples"],
-        )
-        .properties(width=70, height=90)
-    )
+    tooltip = ["run_id", "task", "metric", alt.Tooltip("score:Q", format=".2f"), "samples"]
+    return _scores_by_task(scores, "accuracy (%)", alt.Row("metric:N", title=None), tooltip)
 
 
 def passkey_heatmaps(passkey: pl.DataFrame) -> alt.Chart | None:
