@@ -19,7 +19,10 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
+# `ltstudy unlock` first: a rerun after Snakemake itself was killed clears the lock it left
+# (only once no Snakemake works here; it names a live one and stops otherwise).
 demo: setup
+	$(BIN)/ltstudy unlock
 	$(BIN)/snakemake --profile workflow/profiles/demo all
 
 test: setup
@@ -37,7 +40,8 @@ format: setup
 	$(BIN)/ruff check --fix .
 
 clean-results:
-	rm -rf results/runs results/data results/*.parquet reports/index.html reports/assets .snakemake
+	rm -rf results/runs results/data results/*.parquet results/partial reports/index.html reports/assets \
+		reports/partial .snakemake
 
 lock:
 	$(PYTHON) -m venv /tmp/ltstudy-lock

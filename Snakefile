@@ -3,6 +3,23 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
+# A Snakemake killed with SIGKILL leaves its lock behind. Each run records itself while it holds
+# the lock, so that `ltstudy unlock` (which `make demo` runs first) clears a lock only once its
+# holder is dead; lock errors name the holder, and a dry run of a locked directory fails.
+if workflow.exec_mode.name == "DEFAULT":  # not in the job processes Snakemake spawns
+    from ltstudy.lock import explain_locks, forget_owner, record_owner
+
+    explain_locks()
+
+    onstart:
+        record_owner()
+
+    onsuccess:
+        forget_owner()
+
+    onerror:
+        forget_owner()
+
 # A config file describes a whole study: config/config.yaml unless --configfile names another,
 # which then replaces it (no merging; the demo profile uses config/demo.yaml this way).
 # Not `--replace-workflow-config`: Snakemake does not pass that flag on to the job processes.
@@ -22,4 +39,6 @@ include: "workflow/rules/report.smk"
 rule all:
     default_target: True
     input:
-        final_outputs(),
+        lambda wildcards: final_outputs(),  # a function: job processes never list its files
+    resources:
+        **LOCAL_RESOURCES,

@@ -7,7 +7,10 @@ sizes [--context N]       parameters (meta device), FLOPs per token and weight m
                           every variant at every size
 stage STAGE RUN [CONFIG]  run one stage of one run in this process, without submitit
 collect [CONFIG]          gather the per-run results that exist (failed runs included) into
-                          the tables and rebuild the report, e.g. after `--keep-going`
+                          results/partial/ and reports/partial/index.html, e.g. while runs are
+                          in flight or after `--keep-going` (Snakemake owns results/*.parquet)
+unlock [--directory D]    clear the lock a killed Snakemake left behind, once no Snakemake
+                          works in the directory (`make demo` runs it first)
 report [--results R] [--reports P]   rebuild the HTML report from results tables
 throughput [--variants ...] [--sizes ...] [--contexts ...]   benchmark on random weights:
                           print a table, write results/benchmarks/throughput-<device>.{parquet,md}
@@ -243,12 +246,33 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 def cmd_collect(args: argparse.Namespace) -> int:
     from ltstudy.report.page import build_report
-    from ltstudy.results.collect import collect_available
+    from ltstudy.results.collect import PARTIAL, collect_available, incomplete_runs, partial_banner
 
     config, runs = load_study(args.config)
-    for table, frame in collect_available(runs, config["results_dir"]).items():
-        print(f"{config['results_dir']}/{table}.parquet: {frame.height} rows")
-    print(build_report(Path(config["results_dir"]), Path(config["reports_dir"])))
+    results, reports = Path(config["results_dir"]) / PARTIAL, Path(config["reports_dir"]) / PARTIAL
+    unreadable = []
+
+    def skip(run_id: str, message: str) -> None:
+        print(f"warning: skipped {message}", file=sys.stderr)
+        unreadable.append(run_id)
+
+    tables = collect_available(runs, config["results_dir"], on_skip=skip)
+    for table, frame in tables.items():
+        print(f"{results / table}.parquet: {frame.height} rows")
+    banner = partial_banner(incomplete_runs(runs, tables["runs"], unreadable), len(runs))
+    print(banner)
+    print(f"{build_report(results, reports, partial=banner)} (partial report)")
+    return 0
+
+
+def cmd_unlock(args: argparse.Namespace) -> int:
+    from ltstudy.lock import unlock
+
+    try:
+        print(unlock(args.directory))
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -335,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run")
     p.add_argument("config", nargs="?", default=DEFAULT_CONFIG)
     p.set_defaults(fn=cmd_stage)
+    p = sub.add_parser("unlock", help="clear the lock a killed Snakemake left, if it is dead")
+    p.add_argument("--directory", default=".", help="Snakemake's working directory")
+    p.set_defaults(fn=cmd_unlock)
     p = sub.add_parser("report")
     p.add_argument("--results", default="results")
     p.add_argument("--reports", default="reports")

@@ -13,13 +13,15 @@ import hashlib
 import itertools
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping
+import re
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import yaml
 
+from ltstudy.data.corpus import corpus_fingerprint
 from ltstudy.data.tokenizer import get_tokenizer
 from ltstudy.evaluate.passkey_prompt import min_prompt_length
 from ltstudy.evaluate.ruler import check_length
@@ -51,14 +53,63 @@ def load_config(path: str | Path) -> dict:
 def load_study(path: str | Path, check_fit: bool = True) -> tuple[dict, dict[str, dict]]:
     """Read a YAML config file: (validated config, its runs by id). `check_fit=False` keeps
     runs the planner finds too big (to show them, as `ltstudy plan` does)."""
+    return validate_study(read_yaml(path), source=str(path), check_fit=check_fit)
+
+
+class _DuplicateKey(yaml.MarkedYAMLError):
+    def __init__(self, key: Any, line: int, first: int) -> None:
+        super().__init__()
+        self.key, self.line, self.first = key, line, first
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys in a mapping without a word, so a setting
+    given twice would silently lose one value: reject it."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` keys may override
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if not isinstance(key, Hashable):  # PyYAML rejects it, naming the line
+                    continue
+                if key in first:
+                    raise _DuplicateKey(key, line, first[key])
+                first[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML config file's contents; a file that is missing, not YAML or gives a key twice
+    is a ConfigError naming the file (and line)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except _DuplicateKey as err:
+        raise ConfigError(
+            f"{path}:{err.line}: duplicate key {err.key!r} (first given on line {err.first}); "
+            "YAML would keep only the last value"
+        ) from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return validate_study(raw, source=str(path), check_fit=check_fit)
+
+
+def _check_finite(node: Any, source: str, path: tuple = ()) -> None:
+    """NaN and infinity satisfy every `minimum` of the schema (NaN compares false), so a
+    `.nan` learning rate would only show as a NaN loss: reject them wherever they appear."""
+    if isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{source}: config field `{_field(path)}`: {node} is not a finite number")
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            _check_finite(value, source, (*path, key))
+    elif isinstance(node, list | tuple):
+        for index, value in enumerate(node):
+            _check_finite(value, source, (*path, index))
 
 
 def _field(path: Iterable[Any]) -> str:
@@ -113,6 +164,7 @@ def validate_study(
 ) -> tuple[dict, dict[str, dict]]:
     """validate_config, also returning the runs (expanding them is part of the check, so
     callers that need both should not expand twice)."""
+    _check_finite(raw, source)
     schema = load_schema()
     base = jsonschema.validators.validator_for(schema)
     checker = base(schema)
@@ -199,13 +251,28 @@ def study_data(config: Mapping, study: Mapping) -> dict:
 
 def deep_merge(base: Mapping, update: Mapping) -> dict:
     """Recursive dict merge; values in `update` win, lists are replaced whole."""
-    out = copy.deepcopy(dict(base))
+    return _copy(_merge(base, update))
+
+
+def _merge(base: Mapping, update: Mapping) -> dict:
+    """deep_merge sharing the unchanged parts of both (copy once after several merges)."""
+    out = dict(base)
     for key, value in update.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = deep_merge(out[key], value)
+            out[key] = _merge(out[key], value)
         else:
-            out[key] = copy.deepcopy(value)
+            out[key] = value
     return out
+
+
+def _copy(node: Any) -> Any:
+    """A deep copy of plain config data (dicts, lists, scalars): several times faster than
+    copy.deepcopy, which matters at 10,000 runs."""
+    if isinstance(node, dict):
+        return {key: _copy(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_copy(value) for value in node]
+    return node
 
 
 def _dotted(path: str, value: Any) -> dict:
@@ -229,12 +296,28 @@ def _grid_points(grid: Mapping[str, list]) -> Iterator[dict[str, Any]]:
         yield dict(zip(keys, values, strict=True))
 
 
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+SLUG_LENGTH = 40  # the tail of a longer value is kept (a path's last folders say most)
+
+
+def slug(value: Any) -> str:
+    """A grid value as a piece of a folder name: runs of characters other than
+    [A-Za-z0-9._-] become `_` (a `/` would leave results/runs), and when that loses
+    anything a short hash of the value follows, so two values never share a name."""
+    text = str(value)
+    safe = _UNSAFE.sub("_", text)
+    if safe == text and len(safe) <= SLUG_LENGTH:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+    return f"{safe[-SLUG_LENGTH:]}_{digest}"
+
+
 def _run_name(settings: Mapping, point: Mapping[str, Any], explicit: str | None) -> str:
     parts = [settings["variant"], settings["size"], context_label(settings["context"])]
     for key, value in point.items():
         if key in ("variant", "size", "context"):
             continue
-        parts.append(f"{key.split('.')[-1]}{value}")
+        parts.append(f"{key.split('.')[-1]}{slug(value)}")
     if explicit:
         parts.append(explicit)
     return "-".join(str(p) for p in parts)
@@ -245,11 +328,48 @@ def config_hash(payload: Mapping) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+class _SettingsChecker:
+    """Schema checks of each run's merged settings, section by section, remembering the
+    sections found valid: a grid's runs share all but a few values, and jsonschema on every
+    whole run took most of the time to expand thousands of runs. A section is known by its
+    value, or by identity while the merged settings share it with the study's (the checker
+    keeps it, so its id is not reused). Errors come from the check of the whole settings, so
+    they read as before."""
+
+    def __init__(self, checker: jsonschema.protocols.Validator) -> None:
+        self.whole = checker.evolve(schema={"$ref": "#/$defs/settings"})
+        settings = load_schema()["$defs"]["settings"]
+        # sections check alone only while no keyword relates one section to another
+        self.split = set(settings) <= {"type", "additionalProperties", "properties", "description"}
+        self.sections = {
+            key: checker.evolve(schema={"$ref": f"#/$defs/settings/properties/{key}"})
+            for key in settings["properties"]
+        }
+        self.valid: set[tuple] = set()
+        self.kept: dict[tuple[str, int], Any] = {}
+
+    def check(self, settings: Mapping, source: str) -> None:
+        if not self.split:
+            _raise_first(list(self.whole.iter_errors(settings)), source)
+            return
+        for key, value in settings.items():
+            if self.kept.get((key, id(value)), self) is value:
+                continue
+            token = (key, type(value), json.dumps(value, sort_keys=True, default=repr))
+            if token not in self.valid:
+                section = self.sections.get(key)
+                if section is None or not section.is_valid(value):
+                    _raise_first(list(self.whole.iter_errors(settings)), source)
+                self.valid.add(token)
+            if isinstance(value, dict | list):
+                self.kept[key, id(value)] = value
+
+
 def expand_runs(config: Mapping, source: str = "config") -> dict[str, dict]:
     """All runs of all studies, keyed by run id ('<study>/<name>'), each a resolved spec."""
     schema = load_schema()
     checker = jsonschema.validators.validator_for(schema)(schema)
-    settings_checker = checker.evolve(schema={"$ref": "#/$defs/settings"})
+    settings_checker = _SettingsChecker(checker)
     runs: dict[str, dict] = {}
     seen_studies: set[str] = set()
     for index, study in enumerate(config["studies"]):
@@ -261,16 +381,13 @@ def expand_runs(config: Mapping, source: str = "config") -> dict[str, dict]:
                 f"{source}: config field `{where}.name`: duplicate study {study['name']!r}"
             )
         seen_studies.add(study["name"])
+        data = study_data(config, study)
         if study.get("data"):
             _raise_first(
-                list(
-                    checker.evolve(schema={"$ref": "#/$defs/data"}).iter_errors(
-                        study_data(config, study)
-                    )
-                ),
+                list(checker.evolve(schema={"$ref": "#/$defs/data"}).iter_errors(data)),
                 f"{source}: {where}.data",
             )
-            _check_data(study_data(config, study), f"{where}.data", source)
+            _check_data(data, f"{where}.data", source)
         base = deep_merge(config["defaults"], study.get("overrides", {}))
         known_sizes = {**SIZES, **config.get("sizes", {})}
         for size in study.get("size_overrides", {}):
@@ -279,14 +396,15 @@ def expand_runs(config: Mapping, source: str = "config") -> dict[str, dict]:
         for point in _grid_points(study.get("grid", {})):
             from_grid: dict = {}
             for key, value in point.items():
-                from_grid = deep_merge(from_grid, _dotted(key, value))
+                from_grid = _merge(from_grid, _dotted(key, value))
             for entry in explicit:
                 extra = entry.get("overrides", {})
-                size = deep_merge(deep_merge(base, from_grid), extra)["size"]
+                size = _merge(_merge(base, from_grid), extra)["size"]
                 by_size = study.get("size_overrides", {}).get(size, {})
-                settings = deep_merge(deep_merge(deep_merge(base, by_size), from_grid), extra)
+                merged = _merge(_merge(_merge(base, by_size), from_grid), extra)
                 run_where = f"{where} ({study['name']})"
-                _raise_first(list(settings_checker.iter_errors(settings)), f"{source}: {run_where}")
+                settings_checker.check(merged, f"{source}: {run_where}")
+                settings = _copy(merged)
                 name = _run_name(settings, point, entry.get("name"))
                 run_id = f"{study['name']}/{name}"
                 if run_id in runs:
@@ -294,20 +412,23 @@ def expand_runs(config: Mapping, source: str = "config") -> dict[str, dict]:
                         f"{source}: config field `{where}`: two runs resolve to {run_id!r}; "
                         "give explicit runs distinct names"
                     )
-                runs[run_id] = resolve_run(config, study, name, settings, f"{source}: {run_where}")
+                runs[run_id] = resolve_run(
+                    config, study, name, settings, f"{source}: {run_where}", data
+                )
     _link_init_from(runs, source)
     return runs
 
 
 def _link_init_from(runs: dict[str, dict], source: str) -> None:
     """Resolve `train.init_from` run ids; the source run's hash joins this run's identity."""
+    order = {run_id: index for index, run_id in enumerate(runs)}
     for run_id in runs:  # runs are in config order; a source must come earlier
         spec = runs[run_id]
         template = spec["train"].get("init_from")
         if not template:
             continue
         target = template.format(variant=spec["variant"], size=spec["size"])
-        if target not in runs or list(runs).index(target) >= list(runs).index(run_id):
+        if target not in runs or order[target] >= order[run_id]:
             raise ConfigError(
                 f"{source}: {run_id}: config field `train.init_from`: {target!r} is not an "
                 "earlier run of this config"
@@ -362,6 +483,16 @@ def _ruler_prompt_fits(task: str, tokenizer: str, length: int, max_new_tokens: i
     return True
 
 
+def _fast_weight_chunks(model: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """(config field, length) of the chunks a model writes its fast weights in."""
+    chunks = []
+    if model.get("ttt"):
+        chunks.append(("model.ttt.chunk_size", model["ttt"]["chunk_size"]))
+    if model["variant"] == "lact":
+        chunks.append(("model.lact.chunk_size", model["mixer"]["chunk_size"]))
+    return chunks
+
+
 def _check_fast_weight_chunk(model: Mapping[str, Any], where: str) -> None:
     """Fast weights beside a sliding window (ttt_swa, lact) are written once per chunk, so a
     token late in a chunk reaches the chunk's first tokens only through the window: the window
@@ -369,12 +500,7 @@ def _check_fast_weight_chunk(model: Mapping[str, Any], where: str) -> None:
     window = model.get("swa_window")
     if window is None:
         return
-    chunks = []
-    if model.get("ttt"):
-        chunks.append(("model.ttt.chunk_size", model["ttt"]["chunk_size"]))
-    if model["variant"] == "lact":
-        chunks.append(("model.lact.chunk_size", model["mixer"]["chunk_size"]))
-    for field, chunk in chunks:
+    for field, chunk in _fast_weight_chunks(model):
         if chunk > window:
             raise ConfigError(
                 f"{where}: config field `{field}`: {chunk} is longer than the sliding window "
@@ -384,8 +510,44 @@ def _check_fast_weight_chunk(model: Mapping[str, Any], where: str) -> None:
             )
 
 
-def resolve_run(config: Mapping, study: Mapping, name: str, settings: dict, source: str) -> dict:
-    """Turn merged settings into a complete run spec, with semantic checks."""
+def _check_training_context(model: Mapping[str, Any], context: int, where: str) -> None:
+    """Lengths that the training context must exceed. A sliding window longer than the
+    context is full attention in training, not the variant named. Fast weights (In-Place
+    TTT, LaCT) are written when a chunk ends and read only by later chunks, so a chunk as
+    long as the context is never read in training and the fast-weight path learns nothing.
+    A context that is not a multiple of a chunk is fine: the chunked ops (TTT, LaCT, GLA,
+    DeltaNet, Mamba2) pad the last chunk or leave its write out, as at inference."""
+    window = model.get("swa_window")
+    if window is not None and window > context:
+        raise ConfigError(
+            f"{where}: config field `model.swa_window`: {window} is longer than the training "
+            f"context {context}, so every training window would be full attention: use a "
+            "window no longer than the context"
+        )
+    for field, chunk in _fast_weight_chunks(model):
+        if chunk >= context:
+            raise ConfigError(
+                f"{where}: config field `{field}`: {chunk} is not shorter than the training "
+                f"context {context}; fast weights are written when a chunk ends and read only "
+                "by later chunks, so training would never use them: use a chunk shorter than "
+                "the context"
+            )
+
+
+def resolve_run(
+    config: Mapping,
+    study: Mapping,
+    name: str,
+    settings: dict,
+    source: str,
+    data: Mapping | None = None,
+) -> dict:
+    """Turn merged settings into a complete run spec, with semantic checks. `data` is the
+    study's data settings (study_data; computed once per study by expand_runs)."""
+    data = _copy(data) if data is not None else study_data(config, study)
+    # the corpus files' paths, sizes and times join the data id and the run's hash: an edited
+    # corpus is tokenized again and its runs retrained
+    data["fingerprint"] = corpus_fingerprint(data["corpus"])
     _check_choice(settings["variant"], VARIANTS, "variant", "variant", source)
     try:
         model = resolve_model(
@@ -393,7 +555,7 @@ def resolve_run(config: Mapping, study: Mapping, name: str, settings: dict, sour
             settings["size"],
             settings["model"],
             config.get("sizes", {}),
-            study_data(config, study)["tokenizer"],
+            data["tokenizer"],
             settings["context"],
         )
     except KeyError as err:
@@ -402,8 +564,7 @@ def resolve_run(config: Mapping, study: Mapping, name: str, settings: dict, sour
         raise ConfigError(f"{source}: config field `model`: {err}") from None
     _check_fast_weight_chunk(model, f"{source}: {study['name']}/{name}")
     if model["ttt"] and model["ttt"].get("reset_at_documents"):
-        tokenizer = study_data(config, study)["tokenizer"]
-        model["ttt"]["document_separator"] = get_tokenizer(tokenizer).eos_id
+        model["ttt"]["document_separator"] = get_tokenizer(data["tokenizer"]).eos_id
 
     train = dict(settings["train"])
     tokens_per_step = train["batch_size"] * settings["context"]
@@ -433,7 +594,7 @@ def resolve_run(config: Mapping, study: Mapping, name: str, settings: dict, sour
             f"{train['batch_size']}"
         )
 
-    evaluate = copy.deepcopy(settings["evaluate"])
+    evaluate = _copy(settings["evaluate"])
     if evaluate["throughput"]["contexts"] is None:
         evaluate["throughput"]["contexts"] = [settings["context"]]
 
@@ -450,7 +611,6 @@ def resolve_run(config: Mapping, study: Mapping, name: str, settings: dict, sour
             f"{source}: config field `evaluate.perplexity.block`: {perplexity['block']} leaves "
             f"no context in a window of the longest length {max(perplexity['lengths'])}"
         )
-    data = study_data(config, study)
     _check_answer_weight(settings["train"], data, source)
     shortest = min_prompt_length(get_tokenizer(data["tokenizer"]))
     too_short = min(evaluate["passkey"]["lengths"])
@@ -478,6 +638,8 @@ def resolve_run(config: Mapping, study: Mapping, name: str, settings: dict, sour
             f"{source}: config field `stages`: perplexity, passkey, ruler and lm_eval evaluate "
             "a trained model, so `train` must be a stage too"
         )
+    if "train" in stages:
+        _check_training_context(model, settings["context"], f"{source}: {study['name']}/{name}")
     results_dir = config.get("results_dir", "results")
     run_id = f"{study['name']}/{name}"
     identity = {
@@ -508,24 +670,37 @@ def resolve_run(config: Mapping, study: Mapping, name: str, settings: dict, sour
     return spec
 
 
+_PLANS: dict[str, tuple[dict, dict]] = {}  # what plan_run reads -> (layout choices, plan)
+
+
 def _plan_layout(spec: dict, source: str) -> None:
     """Fill the layout's `auto` choices from the planner (`_check_fit` rejects runs that fit
-    under no layout)."""
+    under no layout). Runs that differ only in what the planner does not read (a grid over
+    seeds, say) share one plan."""
     from ltstudy.plan import GB, PlanError, plan_run
 
-    try:
-        plan = plan_run(spec)
-    except PlanError as err:
-        raise ConfigError(f"{source}: config field `{err.field}`: {err}") from None
-    spec["layout"].update(
-        micro_batch_size=plan.micro_batch_size,
-        activation_checkpointing=plan.activation_checkpointing,
-        context=plan.context_parallel,
+    key = json.dumps(
+        [spec[k] for k in ("model", "context", "train", "layout")] + [spec["resources"]["train"]],
+        sort_keys=True,
     )
-    spec["plan"] = {
-        "status": plan.status,
-        "detail": f"at best {plan.describe()}",
-        "memory_gb": round(plan.estimate.total / GB, 2),
-        "capacity_gb": round(plan.capacity / GB, 2),
-        "gpu_hours": round(plan.gpu_hours, 1),
-    }
+    if key not in _PLANS:
+        try:
+            plan = plan_run(spec)
+        except PlanError as err:
+            raise ConfigError(f"{source}: config field `{err.field}`: {err}") from None
+        choices = {
+            "micro_batch_size": plan.micro_batch_size,
+            "activation_checkpointing": plan.activation_checkpointing,
+            "context": plan.context_parallel,
+        }
+        summary = {
+            "status": plan.status,
+            "detail": f"at best {plan.describe()}",
+            "memory_gb": round(plan.estimate.total / GB, 2),
+            "capacity_gb": round(plan.capacity / GB, 2),
+            "gpu_hours": round(plan.gpu_hours, 1),
+        }
+        _PLANS[key] = choices, summary
+    choices, summary = _PLANS[key]
+    spec["layout"].update(choices)
+    spec["plan"] = dict(summary)

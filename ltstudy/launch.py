@@ -26,8 +26,11 @@ from typing import Any
 
 import submitit
 
+from ltstudy.attempts import clear_attempts, close_attempts, recorded_attempt, total_seconds
 from ltstudy.config import unrunnable_reason
+from ltstudy.failures import failure_reason
 from ltstudy.io import read_json, write_json
+from ltstudy.preemption import requeue_on_preemption
 
 LAUNCHERS = ("local", "slurm", "debug")
 # Snakemake resources that carry submitit/Slurm settings (strings may come from the profile's
@@ -42,17 +45,33 @@ class LaunchError(RuntimeError):
 class StageJob(submitit.helpers.Checkpointable):
     """The picklable callable a submitit job runs: one stage for one payload.
 
-    Being Checkpointable makes Slurm requeue the job on preemption or time-out; a requeued
-    training job resumes from the checkpoint it wrote when it received the signal.
+    Being Checkpointable lets submitit requeue the job on preemption or at its time limit; a
+    requeued training job resumes from the checkpoint it wrote when it received the signal.
+    The job's rank 0 records its attempt (start, heartbeat, end) for the run's accounting.
     """
 
-    def __init__(self, stage: str):
+    def __init__(self, stage: str, work_dir: str | Path | None = None):
         self.stage = stage
+        self.work_dir = None if work_dir is None else str(work_dir)
 
     def __call__(self, payload: Mapping[str, Any], outputs: Mapping[str, str]) -> Any:
         from ltstudy.jobs import run_stage
 
-        return run_stage(self.stage, payload, outputs)
+        requeue_on_preemption()
+        job_id, rank = _job_identity()
+        if rank != 0 or self.work_dir is None:
+            return run_stage(self.stage, payload, outputs)
+        with recorded_attempt(self.work_dir, self.stage, job_id):
+            return run_stage(self.stage, payload, outputs)
+
+
+def _job_identity() -> tuple[str, int]:
+    """(job id, global rank) of the submitit job this process runs, or an in-process run's."""
+    try:
+        env = submitit.JobEnvironment()
+        return str(env.job_id), env.global_rank
+    except RuntimeError:  # not inside a submitit job
+        return "inline", 0
 
 
 def submitit_parameters(resources: Mapping[str, Any], launcher: str, name: str) -> dict[str, Any]:
@@ -139,16 +158,6 @@ def read_status(work_dir: str | Path, stage: str) -> dict[str, Any] | None:
     return read_json(path) if path.exists() else None
 
 
-def _short_reason(err: BaseException) -> str:
-    """The exception line of a failed job's traceback (submitit wraps it in '-----' rules)."""
-    text = str(err).strip()
-    if isinstance(err, submitit.core.utils.FailedJobError):
-        parts = [p for p in text.split("-" * 22) if "Traceback" in p]
-        lines = [ln.strip() for ln in (parts[-1] if parts else text).splitlines() if ln.strip()]
-        text = lines[-1] if lines else text
-    return text or type(err).__name__
-
-
 @contextlib.contextmanager
 def _terminate_as_interrupt() -> Iterator[None]:
     """While waiting, treat SIGTERM (Snakemake stopping its jobs) like Ctrl-C, so that a local
@@ -181,30 +190,42 @@ def launch(
     work_dir = Path(work_dir)
     name = f"ltstudy-{stage}-{label}".replace("/", "-")
     params = submitit_parameters(resources, launcher, name)
+    previous = read_status(work_dir, stage)
+    config = payload.get("config_hash")
+    if previous is None or previous["status"] == "done" or previous.get("config_hash") != config:
+        clear_attempts(work_dir, stage)  # a fresh computation; otherwise this one resumes
     status = {
         "stage": stage,
         "run": label,
         "launcher": launcher,
+        "config_hash": config,
         "status": "running",
         "started": time.time(),
     }
 
     def record(**updates: Any) -> None:
-        status.update(updates)
-        write_json(status_path(work_dir, stage), status)
+        attempts, seconds = total_seconds(work_dir, stage)
+        status.update(attempts=attempts, wall_s=seconds, **updates)
+        try:
+            write_json(status_path(work_dir, stage), status)
+        except OSError as err:  # a full disk: say what could not be recorded, go on
+            print(f"[ltstudy] {label} {stage}: cannot record status {status}: {err}", flush=True)
 
     write_json(work_dir / "spec.json", payload)
     reason = unrunnable_reason(payload) if stage == "train" else None
     if reason:  # refused before a job (and its GPUs) is asked for
         record(status="failed", reason=reason, finished=time.time())
         raise LaunchError(reason)
+    gpus_used = params["gpus_per_node"] * int(resources.get("nodes", 1))
     with claimed_local_gpus(params["gpus_per_node"] if launcher == "local" else 0) as gpus:
         if gpus:
             params["visible_gpus"] = gpus
         executor = make_executor(launcher, work_dir / "logs" / stage, params)
-        job = executor.submit(StageJob(stage), dict(payload), dict(outputs))
+        job = executor.submit(StageJob(stage, work_dir), dict(payload), dict(outputs))
+        if launcher == "local":  # a local job's result file is there at once, if ever (on a
+            job._results_timeout_s = 1  # cluster's shared filesystem submitit waits 15 s)
         log = str(job.paths.stdout)
-        record(job_id=str(job.job_id), log=log, stderr=str(job.paths.stderr))
+        record(job_id=str(job.job_id), log=log, stderr=str(job.paths.stderr), gpus=gpus_used)
         print(f"[ltstudy] {label} {stage}: {launcher} job {job.job_id}, log {log}", flush=True)
         try:
             with _terminate_as_interrupt():
@@ -212,10 +233,12 @@ def launch(
         except KeyboardInterrupt:
             if launcher == "local":
                 job.cancel(check=False)
+                close_attempts(work_dir, stage, str(job.job_id))
             record(status="failed", reason="interrupted while waiting", finished=time.time())
             raise
         except Exception as err:
-            reason = _short_reason(err)
+            reason = failure_reason(err, job.paths.stderr)
+            close_attempts(work_dir, stage, str(job.job_id))
             record(status="failed", reason=reason, finished=time.time())
             raise LaunchError(
                 f"{label}: stage {stage} failed ({launcher} job {job.job_id}): {reason}\n"
@@ -225,13 +248,10 @@ def launch(
     if missing:
         record(status="failed", reason=f"missing outputs {missing}", finished=time.time())
         raise LaunchError(f"{label}: stage {stage} finished without writing {missing}; see {log}")
-    gpus_used = params["gpus_per_node"] * int(resources.get("nodes", 1))
     ranks = params["tasks_per_node"] * int(resources.get("nodes", 1))
     record(
         status="done",
         finished=time.time(),
-        wall_s=time.time() - status["started"],
-        gpus=gpus_used,
         world_size=result.get("world_size", ranks) if isinstance(result, dict) else ranks,
     )
     return result

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import signal
 import threading
 import time
@@ -27,9 +26,10 @@ import torch
 
 from ltstudy.checkpoint import (
     export_model,
-    latest_checkpoint,
     load_checkpoint,
     read_metadata,
+    remove_checkpoints,
+    resumable_checkpoints,
     safetensors_source,
     save_checkpoint,
 )
@@ -41,6 +41,7 @@ from ltstudy.models.transformer import build_model, seeded_values
 from ltstudy.parallel import Layout, World, parallelize
 from ltstudy.parallel.distributed import close_world, init_world
 from ltstudy.parallel.materialize import materialize
+from ltstudy.preemption import requeue, slurm_job_state, slurm_preempted
 
 
 class TrainingInterrupted(RuntimeError):
@@ -64,10 +65,14 @@ def lr_at(step: int, train: Mapping[str, Any]) -> float:
 
 
 class StopSignals:
-    """Turns SIGTERM/SIGUSR2 into a flag that the loop checks between optimizer steps.
+    """Turns SIGTERM/SIGUSR2 into a flag that the loop checks between optimizer steps, so a
+    checkpoint is never written mid-step.
 
-    After saving, `forward()` hands the signal to whoever handled it before (submitit's
-    handler requeues a Slurm job), so a checkpoint is never written mid-step.
+    Slurm sends USR2 `signal_delay_s` before a time limit and SIGTERM on preemption; both
+    requeue a Slurm job once its checkpoint is written (through submitit's handler of its own
+    signal, USR2), unless the job was cancelled. Under the local executor USR2 (the time
+    limit) requeues too, while SIGTERM (someone stopping the job) stops it: the run resumes
+    from its checkpoint when Snakemake runs it again.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
@@ -93,10 +98,16 @@ class StopSignals:
             flush=True,
         )
 
-    def forward(self) -> None:
-        previous = self._previous.get(self.received)
-        if callable(previous):
-            previous(self.received, None)
+    def requeue(self, signum: int) -> None:
+        """After the checkpoint: requeue the job if `signum` (the signal the ranks agreed on)
+        asks for it and submitit runs the job. Does not return when the job is requeued (the
+        process exits)."""
+        handler = self._previous.get(signal.SIGUSR2)
+        if not callable(handler):  # not a submitit job
+            return
+        if signum == signal.SIGTERM and not slurm_preempted():
+            return
+        requeue(handler)
 
 
 def _format_duration(seconds: float) -> str:
@@ -308,15 +319,17 @@ def _train(
     model = build_training_model(spec, layout, world)
     optimizer = make_optimizer(model, cfg)
     start_step, curve, elapsed = 0, [], 0.0
-    found = latest_checkpoint(paths["checkpoints"], spec["config_hash"])
-    if found is not None:
-        load_checkpoint(found[0], model, optimizer, world)
-        state = found[1]
-        start_step, curve, elapsed = state["step"], state["curve"], state["elapsed_s"]
-        log(
-            f"resuming from step {start_step} ({found[0]}, written by {state['world_size']} "
-            f"rank(s), now {world.size})"
-        )
+    for found, state in resumable_checkpoints(paths["checkpoints"], spec["config_hash"], world):
+        if load_checkpoint(found, model, optimizer, world):
+            start_step, curve, elapsed = state["step"], state["curve"], state["elapsed_s"]
+            log(
+                f"resuming from step {start_step} ({found}, written by {state['world_size']} "
+                f"rank(s), now {world.size})"
+            )
+            break
+        del model, optimizer  # half-loaded: start again from the initial weights
+        model = build_training_model(spec, layout, world)
+        optimizer = make_optimizer(model, cfg)
 
     def checkpoint(step: int) -> None:
         save_checkpoint(
@@ -371,8 +384,11 @@ def _train(
             if stopping:
                 checkpoint(done)
                 log(f"checkpoint saved at step {done}")
-                stop.forward()
+                term = world.sum(float(stop.received == signal.SIGTERM)) > 0
+                stop.requeue(signal.SIGTERM if term else signal.SIGUSR2)
                 name = signal.Signals(stop.received).name if stop.received else "a peer's signal"
+                if slurm_job_state() == "CANCELLED":
+                    name += " (the Slurm job was cancelled)"
                 raise TrainingInterrupted(
                     f"{tag}: stopped by {name} at step {done}/{steps}; "
                     f"checkpoint {paths['checkpoints']} is saved, rerun to resume"
@@ -394,7 +410,7 @@ def _train(
     final = curve[-1]["loss"] if curve else float("nan")
     if world.is_main:
         write_table("train_curves", curve, paths["curve"])
-        shutil.rmtree(paths["checkpoints"], ignore_errors=True)
+        remove_checkpoints(paths["checkpoints"])
     log(f"done: final loss {final:.4f} in {_format_duration(elapsed)}")
     return {
         "steps": steps,

@@ -15,6 +15,16 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 MICRO_CONFIG = ROOT / "tests" / "configs" / "micro.yaml"
 BIN = Path(sys.executable).parent
+# A tiny Qwen3 checkpoint's dimensions (transformers.Qwen3Config arguments).
+TINY_QWEN3 = {
+    "vocab_size": 300,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 16,
+    "intermediate_size": 64,
+}
 
 
 @pytest.fixture
@@ -105,3 +115,23 @@ def chromium() -> str | None:
         if name and shutil.which(name):
             return shutil.which(name)
     return None
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """Slurm's commands first on PATH, running jobs on this machine (tests/fake_slurm), with a
+    fresh state folder; yields its handle (jobs, states, starts, signals) and kills what is left."""
+    import time
+
+    import submitit
+
+    from tests.fake_slurm.handle import FakeSlurm
+
+    # job ids from the clock (ms), unique in the session: submitit's watcher caches finished
+    # ids, and a multi-task job's rendezvous port derives from its id
+    slurm = FakeSlurm(tmp_path / "fake-slurm", first_id=time.time_ns() // 10**6 % 10**9)
+    for key, value in slurm.environment().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(submitit.SlurmJob.watcher, "_delay_s", 1)  # sacct every second, not 10 min
+    yield slurm
+    slurm.shutdown()

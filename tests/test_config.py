@@ -1,10 +1,18 @@
 """Config validation: defaults are filled, runs expand, and bad values fail naming the field."""
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from ltstudy.config import ConfigError, expand_runs, load_config, validate_config
+from ltstudy.config import ConfigError, expand_runs, load_config, slug, validate_config
 from ltstudy.models.variants import VARIANTS
-from tests.conftest import ROOT, write_config
+from tests.conftest import ROOT, TINY_QWEN3, snakemake, write_config
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 def test_micro_config_expands(micro_raw):
@@ -167,3 +175,205 @@ def test_document_reset_knows_the_tokenizers_end_of_document(micro_raw):
     ttt = expand_runs(validate_config(micro_raw))["micro/ttt_swa-micro-64"]["model"]["ttt"]
     assert ttt["document_separator"] == ByteTokenizer.eos_id
     assert ttt["clip_order"] == "before_eta" and ttt["clip_at"] == "inference"
+
+
+def test_slug_keeps_safe_values_and_tells_apart_lossy_ones():
+    assert slug(0.001) == "0.001" and slug("cosine") == "cosine" and slug(True) == "True"
+    values = ["a/b", "a_b", "a b", "../a/b", "a//b", "x" * 100, "y" + "x" * 99]
+    slugs = [slug(v) for v in values]
+    assert len(set(slugs)) == len(values)
+    assert all(SAFE_NAME.fullmatch(s) and len(s) <= 49 for s in slugs)
+    assert slug("a_b") == "a_b" and slug("a/b").startswith("a_b_")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Two tiny Qwen3 checkpoint folders (config.json is all validation reads), named with a
+    space, and reached through paths with '..', '//' and a trailing '/'."""
+    transformers = pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("ckpts")
+    for name in ("ckpt a", "ckpt_a"):
+        config = transformers.Qwen3Config(**TINY_QWEN3)
+        config.save_pretrained(root / name)
+    (root / "sub").mkdir()
+    return [
+        str(root / "ckpt a"),
+        str(root / "ckpt_a"),
+        f"{root}/sub/../ckpt a",
+        f"{root}//ckpt_a/",
+    ]
+
+
+def pretrained_grid(micro_raw, checkpoints):
+    micro_raw["studies"] = [
+        {
+            "name": "continual",
+            "stages": ["train", "passkey"],
+            "overrides": {"size": "qwen3", "train": {"steps": 2}},
+            "grid": {"variant": ["full"], "model.pretrained": checkpoints},
+        }
+    ]
+    return micro_raw
+
+
+def test_grid_over_paths_gives_distinct_safe_run_folders(micro_raw, checkpoints, tmp_path):
+    """Issue 13, item 6: grid values with '/', '..' and spaces went into run names unescaped,
+    so a run folder could leave results/runs and Snakemake's `run` wildcard ([^/]+) never
+    matched it. Now each value is slugged, with a hash where that loses characters."""
+    runs = expand_runs(validate_config(pretrained_grid(micro_raw, checkpoints)))
+    assert len(runs) == len(checkpoints)
+    assert len({spec["run_dir"] for spec in runs.values()}) == len(checkpoints)
+    for spec in runs.values():
+        assert SAFE_NAME.fullmatch(spec["name"]), spec["name"]
+        assert Path(spec["run_dir"]).parent == Path("results/runs/continual")
+    assert sorted(spec["model"]["pretrained"] for spec in runs.values()) == sorted(checkpoints)
+
+    # the real workflow plans every job of such a config (it failed with MissingInputException)
+    write_config(tmp_path / "c.yaml", micro_raw)
+    out = snakemake(tmp_path, "-n", "--configfile=c.yaml", "all").stdout
+    for spec in runs.values():
+        assert f"{spec['run_dir']}/model.safetensors" in out
+
+
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (lambda c: c["studies"][0].update(runs=[{"name": "../up"}]), "`studies[0].runs[0].name`"),
+        (lambda c: c["studies"][0].update(name="a/b"), "`studies[0].name`"),
+        (lambda c: c["defaults"].update(size="../x"), "`defaults.size`"),
+    ],
+)
+def test_names_that_are_not_folder_names_fail(micro_raw, mutate, field):
+    mutate(micro_raw)
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        validate_config(micro_raw)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (lambda c: c["defaults"]["train"].update(lr=NAN), "`defaults.train.lr`: nan"),
+        (lambda c: c["defaults"]["train"].update(lr=INF), "`defaults.train.lr`: inf"),
+        (lambda c: c["data"].update(validation_fraction=NAN), "`data.validation_fraction`"),
+        (
+            lambda c: c["studies"][0]["grid"].update({"train.lr": [0.001, -INF]}),
+            "`studies[0].grid.train.lr[1]`: -inf",
+        ),
+    ],
+)
+def test_non_finite_numbers_fail_naming_the_field(micro_raw, tmp_path, mutate, field):
+    """Issue 13, item 9: NaN passes every `minimum` of the schema (and infinity passes a
+    minimum without a maximum), so `lr: .nan` validated and trained on NaN."""
+    mutate(micro_raw)
+    path = write_config(tmp_path / "c.yaml", micro_raw)
+    assert ".nan" in path.read_text() or ".inf" in path.read_text()
+    with pytest.raises(ConfigError, match=re.escape(field)) as err:
+        load_config(path)
+    assert "not a finite number" in str(err.value) and "c.yaml" in str(err.value)
+
+
+DUPLICATE = """\
+launcher: local
+defaults:
+  train:
+    lr: 0.001
+    steps: 3
+    lr: 0.1
+studies:
+  - name: a
+"""
+
+
+def test_duplicate_yaml_keys_fail_naming_key_file_and_line(tmp_path):
+    """Issue 13, item 9: YAML keeps the last of two equal keys without a word."""
+    path = tmp_path / "dup.yaml"
+    path.write_text(DUPLICATE)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}:6: duplicate key 'lr'")) as err:
+        load_config(path)
+    assert "line 4" in str(err.value)
+    # a YAML merge key may override what it merges: that is not a duplicate
+    merged = tmp_path / "merged.yaml"
+    merged.write_text(
+        "x-base: &base {lr: 0.001, steps: 3}\n"
+        "defaults:\n  train:\n    <<: *base\n    lr: 0.002\n"
+        "studies:\n  - name: a\n"
+    )
+    with pytest.raises(ConfigError, match="x-base"):  # unknown top-level key, not a duplicate
+        load_config(merged)
+
+
+def test_snakemake_rejects_duplicate_keys_in_its_config_files(tmp_path):
+    (tmp_path / "dup.yaml").write_text(DUPLICATE)
+    proc = snakemake(tmp_path, "-n", "--configfile=dup.yaml", "all", check=False)
+    assert proc.returncode != 0
+    assert "dup.yaml:6: duplicate key 'lr'" in proc.stdout + proc.stderr
+
+
+def test_sliding_window_longer_than_the_training_context_fails(micro_raw):
+    """Issue 13, item 9: a window longer than the context trains full attention."""
+    micro_raw["studies"][0]["grid"]["variant"] = ["swa"]
+    micro_raw["defaults"]["model"]["swa_window"] = 128
+    with pytest.raises(ConfigError, match=r"micro/swa-micro-64: config field `model\.swa_window`"):
+        validate_config(micro_raw)
+    micro_raw["studies"][0]["stages"] = ["throughput"]  # untrained: the context is no limit
+    validate_config(micro_raw)
+    micro_raw["studies"][0].pop("stages")
+    micro_raw["defaults"]["model"]["swa_window"] = 64  # as long as the context is fine
+    validate_config(micro_raw)
+
+
+@pytest.mark.parametrize(
+    "variant, model, field",
+    [
+        ("ttt_full", {"ttt": {"chunk_size": 64}}, "`model.ttt.chunk_size`: 64"),
+        ("lact", {"swa_window": 64, "lact": {"chunk_size": 64}}, "`model.lact.chunk_size`: 64"),
+    ],
+)
+def test_fast_weight_chunk_as_long_as_the_context_fails(micro_raw, variant, model, field):
+    """Issue 13, item 9: fast weights are written when a chunk ends and read by later chunks
+    only; a chunk as long as the training context leaves them unused in training. A context
+    that is not a multiple of the chunk is fine (the ops pad or skip the last write)."""
+    micro_raw["studies"][0]["grid"]["variant"] = [variant]
+    micro_raw["defaults"]["model"].update(model)
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        validate_config(micro_raw)
+    name = next(iter(model.keys() - {"swa_window"}))
+    micro_raw["defaults"]["model"][name]["chunk_size"] = 48  # 64 is no multiple of 48: fine
+    validate_config(micro_raw)
+
+
+def test_editing_the_corpus_changes_the_data_id_and_the_runs(micro_raw, tmp_path):
+    """Issue 13, item 7: the data id hashed the corpus path only, so an edited corpus kept
+    its old shards and trained models. The corpus fingerprint now joins both hashes."""
+    from ltstudy.data.corpus import corpus_fingerprint
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("The quick brown fox jumps over the lazy dog. " * 400)
+    micro_raw["data"]["corpus"] = str(corpus)
+    before = expand_runs(validate_config(micro_raw))["micro/full-micro-64"]
+    (corpus / "a.txt").write_text("A different text of another length. " * 300)
+    corpus_fingerprint.cache_clear()
+    after = expand_runs(validate_config(micro_raw))["micro/full-micro-64"]
+    assert after["data_dir"] != before["data_dir"]
+    assert after["config_hash"] != before["config_hash"]
+
+
+def test_validation_reads_the_planner_counts_without_torch(tmp_path):
+    """Issue 13, item 10: Snakemake parses the workflow, and so validates and plans every run,
+    in its own process and again in every job's; importing torch for the planner's memory
+    counts cost a second and 200 MB each time. Once counted, they come from the disk cache."""
+    script = (
+        "import sys; from ltstudy.config import load_study; "
+        f"load_study({str(ROOT / 'tests' / 'configs' / 'micro.yaml')!r}); "
+        "print('torch' in sys.modules)"
+    )
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}  # counted afresh, then cached
+    runs = [
+        subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+        for _ in range(2)
+    ]
+    assert [r.stdout.strip() for r in runs] == ["True", "False"], runs[-1].stderr[-2000:]

@@ -9,6 +9,7 @@ from ltstudy import models
 from ltstudy.config import expand_runs, validate_config
 from ltstudy.data.dataset import TokenData, build_dataset
 from ltstudy.train import run_paths, train
+from tests.conftest import TINY_QWEN3
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -24,16 +25,7 @@ def checkpoint(tmp_path_factory):
     tok = tokenizers.ByteLevelBPETokenizer()
     tok.train_from_iterator(texts, vocab_size=300, special_tokens=["<|endoftext|>"])
     tok.save(str(path / "tokenizer.json"))
-    config = transformers.Qwen3Config(
-        vocab_size=300,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        intermediate_size=64,
-        tie_word_embeddings=True,
-    )
+    config = transformers.Qwen3Config(**TINY_QWEN3, tie_word_embeddings=True)
     torch.manual_seed(0)
     transformers.Qwen3ForCausalLM(config).save_pretrained(path, safe_serialization=True)
     return path

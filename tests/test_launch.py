@@ -118,3 +118,37 @@ def test_stopping_the_waiting_rule_cancels_its_local_job(tmp_path, micro_data):
     assert status["status"] == "failed" and "interrupted" in status["reason"]
     _, alive = psutil.wait_procs(processes, timeout=60)
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], "the local job still runs"
+
+
+@pytest.mark.parametrize(
+    "error, log, expected",
+    [
+        (
+            "FailedJobError",
+            'Traceback (most recent call last):\n  File "x.py", line 1\n'
+            "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
+            "out of memory: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate",
+        ),
+        (
+            "UncompletedJobError",
+            "has not produced any output (state: FINISHED)\n" + "[train] step 5\n" * 40,
+            "the job ended without a result or a Python error: its process was killed",
+        ),
+        ("UncompletedJobError", "(state: TIMEOUT)\n", "time limit reached (Slurm state TIMEOUT)"),
+        (
+            "FailedJobError",
+            "Traceback (most recent call last):\n  File ...\nValueError: config field `lr`: bad",
+            "ValueError: config field `lr`: bad",
+        ),
+    ],
+)
+def test_failure_reason_is_one_line_with_the_root_cause(tmp_path, error, log, expected):
+    """Real submitit errors as its waiting side raises them, with the job's error log."""
+    import submitit
+
+    from ltstudy.failures import failure_reason
+
+    stderr = tmp_path / "job.err"
+    stderr.write_text(log)
+    reason = failure_reason(getattr(submitit.core.utils, error)(log), stderr)
+    assert reason.startswith(expected) and "\n" not in reason

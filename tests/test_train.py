@@ -6,7 +6,6 @@ checkpoint survives) resumes when rerun, and the resumed loss curve is the unint
 
 import itertools
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -193,33 +192,6 @@ def test_checkpoint_of_another_config_is_not_resumed(tmp_path, micro_data):
     write_json(other / "train_state.json", {"config_hash": "something-else", "step": 3})
     train(spec)
     assert pl.read_parquet(paths["curve"])["step"].to_list() == [1, 2, 3, 4]
-
-
-def test_preemption_signal_checkpoints_and_submitit_requeues_the_job(tmp_path, micro_data):
-    """Slurm warns a job's processes with USR2 before its time limit (and on preemption). The
-    training checkpoints at the next step boundary, submitit requeues the Checkpointable job,
-    and the requeued job resumes from that checkpoint. Here with submitit's local executor."""
-    import psutil
-
-    from ltstudy.launch import StageJob, make_executor, submitit_parameters
-
-    spec = micro_spec(tmp_path, micro_data, steps=2000, checkpoint_every=50, log_every=500)
-    paths = run_paths(spec)
-    params = submitit_parameters({"gpu": 0, "runtime": 10}, "local", "preempt")
-    job = make_executor("local", tmp_path / "logs", params).submit(StageJob("train"), spec, {})
-    deadline = time.time() + 120
-    while not checkpoint_dirs(paths["checkpoints"]):
-        assert time.time() < deadline and not job.done(), job.stdout()
-        time.sleep(0.02)
-    for task in psutil.Process(int(job.job_id)).children():
-        task.send_signal(signal.SIGUSR2)
-    summary = job.result()
-    log = job.stdout()
-    saved = re.search(r"checkpoint saved at step (\d+)", log)
-    assert saved, log
-    assert "Requeued job" in log and f"resuming from step {saved.group(1)}" in log
-    assert summary["steps"] == 2000 and paths["model"].exists()
-    assert pl.read_parquet(paths["curve"])["step"].to_list() == list(range(1, 2001))
 
 
 def test_objective_does_not_depend_on_the_micro_batch(tmp_path, micro_raw):

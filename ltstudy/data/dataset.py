@@ -9,29 +9,37 @@ Layout of a data folder:
                        (recall and passkey documents; written only where there are any)
 
 Documents go to train or validation by a hash of their id, so the split is stable when
-documents are added or removed.
+documents are added or removed. A build streams: documents are read, tokenized and written a
+piece at a time, so its memory does not grow with the corpus or its largest file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import itertools
+import re
+import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from ltstudy.data.corpus import Document, iter_documents
+from ltstudy.data.corpus import CHUNK, Document, iter_documents
 from ltstudy.data.synthetic import synthetic_documents
 from ltstudy.data.text import split_sentences, vocabulary
 from ltstudy.data.tokenizer import get_tokenizer
-from ltstudy.io import atomic_path, read_json, write_json
+from ltstudy.io import read_json, write_json
 
 SPLITS = ("train", "validation")
 SHARD_TOKENS = 1 << 28  # 512 MiB of uint16 per shard
+SAMPLE_CHARS = 1_000_000  # of each of the first training documents, for the synthetic ones
+STAGING = ".staging"  # the folder under out_dir a build writes into until it succeeds
+TABLE_ROWS = 1 << 16  # documents.parquet rows written at a time
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -45,11 +53,101 @@ def document_split(doc_id: str, validation_fraction: float, seed: int) -> str:
     return "validation" if u < validation_fraction else "train"
 
 
+_CUTS = (
+    re.compile(r".*\S\n(?=\S)", re.DOTALL),  # ends after the last "\n" between non-spaces
+    re.compile(r".*\S(?= )", re.DOTALL),  # ends before the last space after a non-space
+)
+
+
+def text_pieces(chunks: Iterable[str]) -> Iterator[str]:
+    """The text `chunks` make up, in pieces of one to two CHUNKs of characters, cut only where
+    byte-level BPE pre-tokenizers (GPT-2's, Llama-3's, Qwen's) split the whole text too, so
+    the pieces' tokens joined are the text's tokens:
+
+      after the last "\\n" that has a non-whitespace character on each side; failing that,
+      before the last space that follows a non-whitespace character; failing that (no space
+      in two CHUNKs), at the end, a hard cut.
+
+    No pattern of those pre-tokenizers runs from a non-space into a space or from a "\\n" into
+    a non-space, and a "\\n" after a non-space is its own token at a text's end too (after
+    whitespace it is not: GPT-2's `\\s+(?!\\S)` groups "\\n\\n" differently at the end).
+    Tokenizers that add a prefix space or a "▁" at a text's start may differ at the cuts,
+    which only texts over a CHUNK have.
+    """
+    buffer = ""
+    for chunk in chunks:
+        buffer += chunk
+        while len(buffer) > CHUNK:
+            cut = next((m.end() for c in _CUTS if (m := c.match(buffer))), len(buffer))
+            yield buffer[:cut]
+            buffer = buffer[cut:]
+    if buffer:
+        yield buffer
+
+
+def _segments(doc: Document) -> Iterator[tuple[str, bool]]:
+    """A document's text as (piece, is_answer) in order: each marked answer whole, so that it
+    is exactly a run of tokens, and the text around them in `text_pieces`."""
+    position = 0
+    for start, end in sorted(doc.answers):
+        for piece in text_pieces([doc.text[position:start]]):
+            yield piece, False
+        yield doc.text[start:end], True
+        position = end
+    for piece in text_pieces(doc.chunks() if not position else [doc.text[position:]]):
+        yield piece, False
+
+
+def _capped(doc: Document, max_bytes: int | None) -> Iterator[tuple[str, bool]]:
+    """`_segments`, cut (at a character) after `max_bytes` bytes of UTF-8; reading stops there."""
+    size = 0
+    for piece, answer in _segments(doc):
+        raw = piece.encode("utf-8")
+        size += len(raw)
+        if max_bytes is not None and size > max_bytes:
+            yield raw[: len(raw) - (size - max_bytes)].decode("utf-8", errors="ignore"), answer
+            print(f"[data] {doc.id}: cut at data.max_bytes ({max_bytes:,} bytes)", flush=True)
+            return
+        yield piece, answer
+
+
+def document_tokens(
+    tokenizer, doc: Document, max_bytes: int | None = None
+) -> Iterator[tuple[str, list[int], bool]]:
+    """A document's token ids piece by piece, as (text, ids, is_answer): the tokenizer's BOS
+    first (if it has one, as transformers encodes a text), the text's pieces (its first
+    `max_bytes` bytes of UTF-8), EOS last; nothing for an empty document."""
+    pieces = _capped(doc, max_bytes)
+    first = next(pieces, None)
+    if first is None:
+        return
+    yield "", tokenizer.with_bos([]), False
+    for piece, answer in itertools.chain([first], pieces):
+        yield piece, tokenizer.encode(piece), answer
+    yield "", [tokenizer.eos_id], False
+
+
+def encode_document(tokenizer, doc: Document) -> tuple[list[int], list[tuple[int, int]]]:
+    """All of a document's token ids (`document_tokens`) and the token spans of its marked
+    answers, as `build_dataset` writes them."""
+    tokens: list[int] = []
+    spans: list[tuple[int, int]] = []
+    for _, ids, answer in document_tokens(tokenizer, doc):
+        if answer:
+            spans.append((len(tokens), len(tokens) + len(ids)))
+        tokens += ids
+    return tokens, spans
+
+
 class _ShardWriter:
-    def __init__(self, out_dir: Path, split: str, dtype: str):
-        self.out_dir, self.split, self.dtype = out_dir, split, dtype
+    """A split's shard files, appended to and hashed as tokens arrive. A document is never
+    split across shards: a shard ends with the document that fills it to SHARD_TOKENS."""
+
+    def __init__(self, folder: Path, split: str, dtype: str):
+        self.folder, self.split, self.dtype = folder, split, dtype
         self.shards: list[dict[str, Any]] = []
-        self._parts: list[np.ndarray] = []
+        self._file = None
+        self._hash = hashlib.sha256()
         self._answers: list[tuple[int, int]] = []
         self._size = 0
 
@@ -57,157 +155,205 @@ class _ShardWriter:
     def position(self) -> tuple[int, int]:
         return len(self.shards), self._size
 
-    def add(self, tokens: np.ndarray, answers: list[tuple[int, int]]) -> None:
-        """Append a document's tokens; `answers` are token spans relative to its start."""
-        if self._size and self._size + len(tokens) > SHARD_TOKENS:
-            self.flush()
-        self._answers += [(self._size + a, self._size + b) for a, b in answers]
-        self._parts.append(tokens)
-        self._size += len(tokens)
+    @property
+    def _name(self) -> str:
+        return f"{self.split}-{len(self.shards):05d}.bin"
 
-    def flush(self) -> None:
-        if not self._size:
+    def write(self, ids: list[int], answer: bool = False) -> None:
+        """Append token ids to the current document; `answer`: they are a marked answer."""
+        if answer:
+            self._answers.append((self._size, self._size + len(ids)))
+        if not ids:
             return
-        data = np.concatenate(self._parts).astype(self.dtype)
-        name = f"{self.split}-{len(self.shards):05d}.bin"
-        with atomic_path(self.out_dir / name) as tmp:
-            data.tofile(tmp)
-        shard = {
-            "file": name,
-            "tokens": len(data),
-            "sha256": hashlib.sha256(data.tobytes()).hexdigest(),
-        }
+        if self._file is None:
+            self._file = open(self.folder / self._name, "wb")  # noqa: SIM115 (until end_shard)
+        data = np.asarray(ids, dtype=self.dtype).tobytes()
+        self._file.write(data)
+        self._hash.update(data)
+        self._size += len(ids)
+
+    def end_document(self) -> None:
+        if self._size >= SHARD_TOKENS:
+            self.end_shard()
+
+    def end_shard(self) -> None:
+        if self._file is None:
+            return
+        self._file.close()
+        self._file = None
+        name = self._name
+        shard = {"file": name, "tokens": self._size, "sha256": self._hash.hexdigest()}
         if self._answers:
             shard["answers"] = name.replace(".bin", ".answers.npy")
-            with atomic_path(self.out_dir / shard["answers"]) as tmp, open(tmp, "wb") as f:
-                np.save(f, np.asarray(self._answers, dtype=np.int64))
+            np.save(self.folder / shard["answers"], np.asarray(self._answers, dtype=np.int64))
         self.shards.append(shard)
-        self._parts, self._answers, self._size = [], [], 0
+        self._hash, self._answers, self._size = hashlib.sha256(), [], 0
+
+    def __enter__(self) -> _ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:  # a failed build: its folder is removed
+            self._file.close()
 
 
-def encode_document(tokenizer, doc: Document) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids of a document (the tokenizer's BOS first, if it has one, as transformers
-    encodes a text; EOS appended) and the token spans of its marked answers.
+class _DocumentTable:
+    """documents.parquet, written TABLE_ROWS rows at a time."""
 
-    A document with answers is encoded piece by piece, cut at the answers' edges, so that each
-    answer is exactly a run of tokens.
-    """
-    tokens = tokenizer.with_bos([])
-    spans: list[tuple[int, int]] = []
-    position = 0
-    for start, end in sorted(doc.answers):
-        tokens += tokenizer.encode(doc.text[position:start])
-        answer = tokenizer.encode(doc.text[start:end])
-        spans.append((len(tokens), len(tokens) + len(answer)))
-        tokens += answer
-        position = end
-    tokens += [*tokenizer.encode(doc.text[position:]), tokenizer.eos_id]
-    return tokens, spans
+    def __init__(self, path: Path):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        text, count = pa.string(), pa.int64()
+        columns = {"id": text, "split": text, "shard": count, "offset": count, "tokens": count}
+        self.schema = pa.schema([*columns.items(), ("sha256", text)])
+        self._writer = pq.ParquetWriter(path, self.schema, compression="zstd")
+        self._rows: dict[str, list] = {name: [] for name in self.schema.names}
+        self.documents = dict.fromkeys(SPLITS, 0)
+
+    def add(self, **row: Any) -> None:
+        for name, value in row.items():
+            self._rows[name].append(value)
+        self.documents[row["split"]] += 1
+        if len(self._rows["id"]) >= TABLE_ROWS:
+            self._write()
+
+    def _write(self) -> None:
+        import pyarrow as pa
+
+        self._writer.write_table(pa.table(self._rows, schema=self.schema))
+        self._rows = {name: [] for name in self.schema.names}
+
+    def __enter__(self) -> _DocumentTable:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None and self._rows["id"]:
+            self._write()
+        self._writer.close()
 
 
 def build_dataset(data_cfg: Mapping[str, Any], out_dir: str | Path) -> dict[str, Any]:
-    """Tokenize the configured corpus into shards under out_dir; return the manifest."""
-    import polars as pl
+    """Tokenize the configured corpus into shards under out_dir; return the manifest.
 
+    The build writes into out_dir/.staging and moves its files in only when it succeeds, so a
+    failed build leaves no shards (out_dir itself also holds the data job's logs)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = out_dir / STAGING
+    shutil.rmtree(staging, ignore_errors=True)  # left by a build that was killed
+    staging.mkdir(parents=True)
+    try:
+        manifest = _build(data_cfg, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    (out_dir / "manifest.json").unlink(missing_ok=True)  # none that names other shards meanwhile
+    for path in staging.iterdir():
+        path.replace(out_dir / path.name)
+    staging.rmdir()
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def _build(data_cfg: Mapping[str, Any], folder: Path) -> dict[str, Any]:
     tokenizer = get_tokenizer(data_cfg["tokenizer"])
     dtype = token_dtype(tokenizer.vocab_size)
-    writers = {s: _ShardWriter(out_dir, s, dtype) for s in SPLITS}
-    rows: list[dict[str, Any]] = []
     total_bytes, train_bytes, started = 0, 0, time.time()
     samples: list[str] = []  # some training texts, for the synthetic documents' words and filler
+    with contextlib.ExitStack() as stack:
+        writers = {s: stack.enter_context(_ShardWriter(folder, s, dtype)) for s in SPLITS}
+        table = stack.enter_context(_DocumentTable(folder / "documents.parquet"))
 
-    def add(doc: Document, split: str) -> None:
-        raw = doc.text.encode("utf-8")
-        ids, answers = encode_document(tokenizer, doc)
-        tokens = np.asarray(ids, dtype=dtype)
-        shard, offset = writers[split].position
-        writers[split].add(tokens, answers)
-        rows.append(
-            {
-                "id": doc.id,
-                "split": split,
-                "shard": shard,
-                "offset": offset,
-                "tokens": len(tokens),
-                "sha256": hashlib.sha256(raw).hexdigest(),
-            }
-        )
+        def add(doc: Document, split: str, max_bytes: int | None = None) -> tuple[int, str]:
+            """Write a document's tokens to `split`; its UTF-8 size (0: empty, left out) and
+            first SAMPLE_CHARS characters."""
+            writer = writers[split]
+            shard, offset = writer.position
+            digest, size, head = hashlib.sha256(), 0, ""
+            for text, ids, answer in document_tokens(tokenizer, doc, max_bytes):
+                raw = text.encode("utf-8")
+                digest.update(raw)
+                size += len(raw)
+                if len(head) < SAMPLE_CHARS:
+                    head += text[: SAMPLE_CHARS - len(head)]
+                writer.write(ids, answer)
+            if writer.position == (shard, offset):
+                return 0, ""
+            tokens = writer.position[1] - offset
+            writer.end_document()
+            table.add(
+                id=doc.id,
+                split=split,
+                shard=shard,
+                offset=offset,
+                tokens=tokens,
+                sha256=digest.hexdigest(),
+            )
+            return size, head
 
-    for doc in iter_documents(data_cfg["corpus"]):
-        raw = doc.text.encode("utf-8")
-        if not raw:
-            continue
-        split = document_split(doc.id, data_cfg["validation_fraction"], data_cfg["seed"])
-        add(doc, split)
-        if split == "train":
-            train_bytes += len(raw)
-            if len(samples) < 200:
-                samples.append(doc.text)
-        total_bytes += len(raw)
-        if len(rows) % 1000 == 0:
-            print(f"[data] {len(rows)} documents, {total_bytes / 1e6:.1f} MB", flush=True)
-        if data_cfg.get("max_bytes") and total_bytes >= data_cfg["max_bytes"]:
-            break
-    synthetic = data_cfg.get("synthetic") or {}
-    if synthetic.get("fraction"):
-        target = synthetic["fraction"] / (1 - synthetic["fraction"]) * train_bytes
-        count, added = 0, 0
-        for doc in synthetic_documents(
-            synthetic["seed"],
-            vocabulary(samples)[:2000],
-            split_sentences(samples),
-            synthetic["size"],
-            synthetic["mix"],
-        ):
-            if added >= target:  # the fraction holds in bytes, whatever the documents' lengths
+        max_bytes = data_cfg.get("max_bytes")
+        for doc in iter_documents(data_cfg["corpus"], data_cfg.get("on_invalid_utf8", "error")):
+            split = document_split(doc.id, data_cfg["validation_fraction"], data_cfg["seed"])
+            size, head = add(doc, split, max_bytes)
+            if not size:
+                continue
+            if split == "train":
+                train_bytes += size
+                if len(samples) < 200:
+                    samples.append(head)
+            total_bytes += size
+            documents = sum(table.documents.values())
+            if documents % 1000 == 0:
+                print(f"[data] {documents} documents, {total_bytes / 1e6:.1f} MB", flush=True)
+            if max_bytes and total_bytes >= max_bytes:
                 break
-            add(doc, "train")
-            added += len(doc.text.encode("utf-8"))
-            count += 1
-        kinds = ", ".join(f"{k} {w}" for k, w in synthetic["mix"].items() if w)
-        print(
-            f"[data] added {count} synthetic documents ({kinds}) to the training split", flush=True
-        )
-    for w in writers.values():
-        w.flush()
+        synthetic = data_cfg.get("synthetic") or {}
+        if synthetic.get("fraction"):
+            target = synthetic["fraction"] / (1 - synthetic["fraction"]) * train_bytes
+            count, added = 0, 0
+            for doc in synthetic_documents(
+                synthetic["seed"],
+                vocabulary(samples)[:2000],
+                split_sentences(samples),
+                synthetic["size"],
+                synthetic["mix"],
+            ):
+                if added >= target:  # the fraction holds in bytes, whatever the documents' lengths
+                    break
+                added += add(doc, "train")[0]
+                count += 1
+            kinds = ", ".join(f"{k} {w}" for k, w in synthetic["mix"].items() if w)
+            print(
+                f"[data] added {count} synthetic documents ({kinds}) to the training split",
+                flush=True,
+            )
+        for w in writers.values():
+            w.end_shard()
     for split in SPLITS:
         if not writers[split].shards:
             raise ValueError(
                 f"corpus {data_cfg['corpus']!r} gave no {split} documents; use more documents "
                 "or change data.validation_fraction"
             )
-    schema = {
-        "id": pl.String,
-        "split": pl.String,
-        "shard": pl.Int64,
-        "offset": pl.Int64,
-        "tokens": pl.Int64,
-        "sha256": pl.String,
-    }
-    with atomic_path(out_dir / "documents.parquet") as tmp:
-        pl.DataFrame(rows, schema=schema).write_parquet(tmp)
     manifest = {
         "data_config": dict(data_cfg),
         "tokenizer": data_cfg["tokenizer"],
         "vocab_size": tokenizer.vocab_size,
         "token_dtype": dtype,
         "eos_id": tokenizer.eos_id,
-        "documents": len(rows),
+        "documents": sum(table.documents.values()),
         "bytes": total_bytes,
         "splits": {
             s: {
-                "documents": sum(r["split"] == s for r in rows),
+                "documents": table.documents[s],
                 "tokens": sum(sh["tokens"] for sh in writers[s].shards),
                 "shards": writers[s].shards,
             }
             for s in SPLITS
         },
     }
-    write_json(out_dir / "manifest.json", manifest)
     print(
-        f"[data] done: {len(rows)} documents, {total_bytes / 1e6:.1f} MB, "
+        f"[data] done: {manifest['documents']} documents, {total_bytes / 1e6:.1f} MB, "
         f"train {manifest['splits']['train']['tokens']:,} / validation "
         f"{manifest['splits']['validation']['tokens']:,} tokens in {time.time() - started:.1f}s",
         flush=True,

@@ -12,20 +12,17 @@ kernel where meta (and the CPU) decompose it into full-width steps.
 
 Each count is per piece and per token count; the planner fits a line through two token counts
 beyond every chunk and window, where memory grows linearly, and scales it to the run's tokens.
+The planner reads the counts through counts.py, which imports this module (and torch) only
+for counts that its disk cache lacks.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import functools
-import hashlib
 import json
-import os
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,7 +30,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from ltstudy.io import atomic_path
+# kept in counts.py (torch-free); here for the callers that count
+from ltstudy.plan.counts import PieceMemory, block_memory, outer_memory  # noqa: F401
 
 
 class LiveBytes(TorchDispatchMode):
@@ -130,22 +128,6 @@ def device_kernels(device: str) -> Iterator[None]:
         F.scaled_dot_product_attention, F.rms_norm = sdpa, rms_norm
 
 
-@dataclass(frozen=True)
-class PieceMemory:
-    """Bytes one piece of the model needs at one token count (batch of one sequence).
-
-    kept:         alive after its forward, kept for the backward (its output included)
-    forward_peak: above `kept`, the most its forward holds at once
-    backward_peak: above everything alive when its backward starts, the most it adds
-    inference:    the most its forward holds at once without gradients (output included)
-    """
-
-    kept: int
-    forward_peak: int
-    backward_peak: int
-    inference: int
-
-
 def _measure(
     module: torch.nn.Module,
     device: str,
@@ -190,92 +172,6 @@ def block_kinds(model_cfg: Mapping[str, Any]) -> dict[tuple, list[int]]:
     for index in range(cfg.n_layers):
         kinds.setdefault((layer_window(cfg, index), cfg.has_ttt(index)), []).append(index)
     return kinds
-
-
-class _DiskCache:
-    """Counts survive the process (Snakemake parses the workflow, and so plans every run, in
-    each job's process too), keyed by the code that allocates: the model and op sources, this
-    file and torch's version."""
-
-    def __init__(self) -> None:
-        self._entries: dict[str, list[int]] | None = None
-        self._dirty = False
-
-    @functools.cached_property
-    def path(self) -> Path:
-        sources = Path(__file__).resolve().parents[1]
-        digest = hashlib.sha256(torch.__version__.encode())
-        for folder in ("models", "ops"):
-            for file in sorted((sources / folder).glob("*.py")):
-                digest.update(file.read_bytes())
-        digest.update(Path(__file__).read_bytes())
-        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ltstudy"
-        return root / f"census-{digest.hexdigest()[:16]}.json"
-
-    def _load(self) -> dict[str, list[int]]:
-        if self._entries is None:
-            try:
-                self._entries = json.loads(self.path.read_text())
-            except (OSError, ValueError):
-                self._entries = {}
-        return self._entries
-
-    def get(self, key: str, compute: Callable[[], Any]) -> Any:
-        """The JSON value stored under `key`, computed and stored if missing."""
-        entries = self._load()
-        if key not in entries:
-            entries[key] = compute()
-            if not self._dirty:
-                atexit.register(self.save)
-            self._dirty = True
-        return entries[key]
-
-    def save(self) -> None:
-        if not self._dirty:
-            return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            merged = {**self._read_current(), **(self._entries or {})}
-            with atomic_path(self.path) as tmp:
-                tmp.write_text(json.dumps(merged))
-            self._dirty = False
-        except OSError:  # a read-only home: the counts are only slower next time
-            pass
-
-    def _read_current(self) -> dict:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
-
-
-CACHE = _DiskCache()
-
-
-def cache_key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
-
-
-def block_memory(model_json: str, device: str, dtype: str, layer: int, tokens: int) -> PieceMemory:
-    """One block at `tokens` tokens (one sequence) as it runs on `device` (cpu | cuda);
-    inputs are kept outside the count."""
-    key = cache_key("block", model_json, device, dtype, layer, tokens)
-    return PieceMemory(
-        *CACHE.get(
-            key,
-            lambda: list(vars(_block_memory(model_json, device, dtype, layer, tokens)).values()),
-        )
-    )
-
-
-def outer_memory(model_json: str, device: str, dtype: str, tokens: int) -> PieceMemory:
-    """Everything but the blocks: embeddings, final norm, LM head and the chunked loss."""
-    key = cache_key("outer", model_json, device, dtype, tokens)
-    return PieceMemory(
-        *CACHE.get(
-            key, lambda: list(vars(_outer_memory(model_json, device, dtype, tokens)).values())
-        )
-    )
 
 
 def _block_memory(model_json: str, device: str, dtype: str, layer: int, tokens: int) -> PieceMemory:

@@ -28,7 +28,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ltstudy.plan.census import PieceMemory, block_kinds, block_memory, outer_memory
+from ltstudy.plan.counts import (
+    CACHE,
+    PieceMemory,
+    block_kinds,
+    block_memory,
+    cache_key,
+    loss_chunk,
+    outer_memory,
+)
 
 GB = 1e9
 CUDA_RUNTIME_BYTES = 1.5 * GB
@@ -113,8 +121,6 @@ def block_lengths(model: Mapping[str, Any]) -> list[int | None]:
 
 def outer_lengths(model: Mapping[str, Any]) -> list[int | None]:
     """The loss head works in chunks of tokens."""
-    from ltstudy.models.transformer import loss_chunk
-
     return [loss_chunk(model["vocab_size"])]
 
 
@@ -125,9 +131,9 @@ def parameter_counts(model: Mapping[str, Any]) -> dict[str, Any]:
 
 @functools.cache
 def _parameter_counts(model_json: str) -> dict[str, Any]:
-    from ltstudy.plan.census import CACHE, _model, cache_key
-
     def count() -> dict[str, Any]:
+        from ltstudy.plan.census import _model
+
         built = _model(model_json, "fp32")
         blocks = [sum(p.numel() for p in layer.parameters()) for layer in built.layers]
         total = sum(p.numel() for p in built.parameters())

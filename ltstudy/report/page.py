@@ -22,6 +22,7 @@ table { border-collapse: collapse; font-size: 0.9rem; }
 th, td { padding: 0.25rem 0.6rem; border-bottom: 1px solid #eee; text-align: right; }
 th { background: #f4f4f4; } td.text, th.text { text-align: left; }
 .empty { color: #888; font-style: italic; }
+p.partial { background: #fff3cd; border: 1px solid #e0c060; padding: 0.6rem 1rem; }
 """
 
 
@@ -77,8 +78,11 @@ def html_table(frame: pl.DataFrame) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def build_report(results_dir: str | Path, reports_dir: str | Path) -> Path:
-    """Write reports/index.html from results/*.parquet; return its path."""
+def build_report(
+    results_dir: str | Path, reports_dir: str | Path, partial: str | None = None
+) -> Path:
+    """Write reports/index.html from results/*.parquet; return its path. `partial`: the banner
+    of a page built from incomplete results, which says what it lacks."""
     results_dir, reports_dir = Path(results_dir), Path(reports_dir)
     write_vega_bundle(reports_dir)
     t = {name: read_table(results_dir, name) for name in TABLES}
@@ -188,10 +192,12 @@ def build_report(results_dir: str | Path, reports_dir: str | Path) -> Path:
                 f'vegaEmbed("#chart{index}", {spec}, {{renderer: "svg", actions: false}});'
             )
     n_runs = t["runs"].height
+    title = "ltstudy report (partial)" if partial else "ltstudy report"
+    banner = f'<p class="partial">{html.escape(partial)}</p>' if partial else ""
     page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>ltstudy report</title>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>{STYLE}</style><script src="{BUNDLE}"></script></head>
-<body><h1>ltstudy report</h1>
+<body><h1>{title}</h1>{banner}
 <p class="note">{n_runs} runs from {html.escape(str(results_dir))}. Every chart is drawn from
 the Parquet tables in that folder; the pages work offline.</p>
 {"".join(body)}

@@ -130,6 +130,7 @@ TABLES: dict[str, pl.Schema] = {
         "final_loss": pl.Float64,
         "wall_s": pl.Float64,
         "gpu_hours": pl.Float64,
+        "attempts": pl.Int64,
         "config": pl.String,
     }),
 }

@@ -8,6 +8,8 @@ rule collect_table:
         ],
     output:
         f"{RESULTS}/{{table}}.parquet",
+    resources:
+        **LOCAL_RESOURCES,
     run:
         from ltstudy.results.collect import collect_table
 
@@ -16,11 +18,15 @@ rule collect_table:
 
 rule collect_runs:
     input:
-        run_outputs(),
+        # every run file, through the tables built from them: listing the run files again
+        # would add one DAG edge per file (a tenth of a 10,000-run dry run)
+        [f"{RESULTS}/{table}.parquet" for table in RUN_FILES],
     output:
         f"{RESULTS}/runs.parquet",
     params:
         hashes={run_id: s["config_hash"] for run_id, s in RUNS.items()},
+    resources:
+        **LOCAL_RESOURCES,
     run:
         from ltstudy.results.collect import collect_runs
 
@@ -33,4 +39,4 @@ for _study in sorted({s["study"] for s in RUNS.values()}):
         name:
             f"study_{_study}"
         input:
-            run_outputs(_study),
+            lambda wildcards, study=_study: run_outputs(study),

@@ -1,13 +1,19 @@
 # Config validation, the run table, and helpers shared by every rule file.
+import inspect
 from pathlib import Path
 
+from snakemake.common import overwrite_function_params
 from snakemake.exceptions import WorkflowError
 
-from ltstudy.config import ConfigError, validate_study
+from ltstudy.config import ConfigError, read_yaml, validate_study
 from ltstudy.launch import launch
 from ltstudy.results.schemas import RUN_FILES, STAGE_OUTPUTS, TABLE_STAGE, TABLES
 
 try:
+    # Snakemake's YAML loader keeps the last of two equal keys: read the files again with
+    # ours, which names the duplicate's file and line.
+    for _path in workflow.configfiles:
+        read_yaml(_path)
     CONFIG, RUNS = validate_study(config, source="config")
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
@@ -26,6 +32,15 @@ wildcard_constraints:
     data_id="[0-9a-f]+",
 
 
+def per_job(func):
+    """Snakemake inspects the signature of an input, params or resources function at every
+    call; with 50,000 jobs of about ten functions that was a fifth of a dry run. It reads a
+    signature given in advance (snakemake.common.overwrite_function_params) instead."""
+    overwrite_function_params(func, inspect.signature(func).parameters)
+    return func
+
+
+@per_job
 def spec(wildcards):
     run_id = f"{wildcards.study}/{wildcards.run}"
     if run_id not in RUNS:
@@ -40,6 +55,20 @@ def outputs_of(stage):
     return {name: f"{RUN_DIR}/{file}" for name, file in STAGE_OUTPUTS[stage].items()}
 
 
+def from_spec(*keys):
+    """A params function: the value under `keys` in the job's run spec."""
+
+    @per_job
+    def value(wildcards):
+        node = spec(wildcards)
+        for key in keys:
+            node = node[key]
+        return node
+
+    return value
+
+
+@per_job
 def run_manifest(wildcards):
     return f"{spec(wildcards)['data_dir']}/manifest.json"
 
@@ -48,12 +77,16 @@ def run_file(run_id, table):
     return f"{RESULTS}/runs/{run_id}/{RUN_FILES[table]}"
 
 
+# Run ids by stage and by (stage, study), in config order: indexed once, not scanned per call.
+RUNS_WITH = {}
+for _run_id, _s in RUNS.items():
+    for _stage in _s["stages"]:
+        RUNS_WITH.setdefault((_stage, None), []).append(_run_id)
+        RUNS_WITH.setdefault((_stage, _s["study"]), []).append(_run_id)
+
+
 def runs_with(stage, study=None):
-    return [
-        run_id
-        for run_id, s in RUNS.items()
-        if stage in s["stages"] and (study is None or s["study"] == study)
-    ]
+    return RUNS_WITH.get((stage, study), [])
 
 
 def run_outputs(study=None):
@@ -72,13 +105,25 @@ def final_outputs():
 
 
 def run_resources(group):
-    """Snakemake resources of a launched rule, read from each run's resolved config."""
+    """Snakemake resources of a launched rule, read from each run's resolved config: a
+    constant where every run has the same value (a function costs Snakemake a call per job).
+    The work runs in the launched job, so Snakemake's own disk_mb is a constant too: its
+    default (twice the input size) would stat every input of every job, even in a dry run."""
 
     def value(key):
-        return lambda wildcards: spec(wildcards)["resources"][group][key]
+        values = {s["resources"][group][key] for s in RUNS.values()}
+        if len(values) == 1 and None not in values:
+            return values.pop()
+        return per_job(lambda wildcards: spec(wildcards)["resources"][group][key])
 
     keys = ("gpu", "nodes", "tasks_per_node", "cpus_per_task", "mem_mb", "runtime")
-    return {"slurm_jobs": 1, **{k: value(k) for k in keys}}
+    return {"slurm_jobs": 1, "disk_mb": 1000, **{k: value(k) for k in keys}}
+
+
+# Rules that run in Snakemake's own process and read a file per run (collect, report, all):
+# Snakemake's default mem_mb and disk_mb (from the input size) would stat every per-run file,
+# tens of thousands of them, at each (dry) run.
+LOCAL_RESOURCES = {"mem_mb": 8000, "disk_mb": 1000}
 
 
 def launcher_resources(resources, configured):

@@ -10,7 +10,7 @@ rule perplexity:
         **outputs_of("perplexity"),
     priority: 2
     params:
-        settings=lambda wildcards: spec(wildcards)["evaluate"]["perplexity"],
+        settings=from_spec("evaluate", "perplexity"),
     resources:
         **run_resources("evaluate"),
     run:
@@ -24,7 +24,7 @@ rule passkey:
         **outputs_of("passkey"),
     priority: 2
     params:
-        settings=lambda wildcards: spec(wildcards)["evaluate"]["passkey"],
+        settings=from_spec("evaluate", "passkey"),
     resources:
         **run_resources("evaluate"),
     run:
@@ -39,7 +39,7 @@ rule ruler:
         **outputs_of("ruler"),
     priority: 2
     params:
-        settings=lambda wildcards: spec(wildcards)["evaluate"]["ruler"],
+        settings=from_spec("evaluate", "ruler"),
     resources:
         **run_resources("evaluate"),
     run:
@@ -53,7 +53,7 @@ rule lm_eval:
         **outputs_of("lm_eval"),
     priority: 2
     params:
-        settings=lambda wildcards: spec(wildcards)["evaluate"]["lm_eval"],
+        settings=from_spec("evaluate", "lm_eval"),
     resources:
         **run_resources("evaluate"),
     run:
@@ -64,8 +64,8 @@ rule throughput:
     output:
         **outputs_of("throughput"),
     params:
-        settings=lambda wildcards: spec(wildcards)["evaluate"]["throughput"],
-        model=lambda wildcards: spec(wildcards)["model"],
+        settings=from_spec("evaluate", "throughput"),
+        model=from_spec("model"),
     resources:
         **run_resources("evaluate"),
     run:

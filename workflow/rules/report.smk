@@ -7,6 +7,8 @@ rule report:
     output:
         page=f"{REPORTS}/index.html",
         bundle=f"{REPORTS}/assets/vega-bundle.js",
+    resources:
+        **LOCAL_RESOURCES,
     run:
         from ltstudy.report.page import build_report
 

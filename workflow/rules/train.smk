@@ -4,12 +4,12 @@
 rule train:
     input:
         manifest=run_manifest,
-        init=lambda wildcards: [f"{d}/model.safetensors" for d in [spec(wildcards).get("init_from_dir")] if d],
+        init=per_job(lambda wildcards: [f"{d}/model.safetensors" for d in [spec(wildcards).get("init_from_dir")] if d]),
     output:
         **outputs_of("train"),
     priority: 3
     params:
-        config_hash=lambda wildcards: spec(wildcards)["config_hash"],
+        config_hash=from_spec("config_hash"),
     resources:
         **run_resources("train"),
     run:
