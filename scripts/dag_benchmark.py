@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
+import polars as pl
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +91,16 @@ def benchmark(runs: int, workdir: Path, profile: str) -> list[dict]:
     return rows
 
 
-def write_table(table: pd.DataFrame, path: Path) -> None:
+def text(table: pl.DataFrame) -> str:
+    """The table as fixed-width text, a row per line."""
+    columns = table.columns
+    cells = [columns] + [[str(v) for v in row] for row in table.iter_rows()]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = [" ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def write_table(table: pl.DataFrame, path: Path) -> None:
     lines = [
         "# Snakemake DAG scale: validation and dry run on N runs",
         "",
@@ -100,7 +109,7 @@ def write_table(table: pd.DataFrame, path: Path) -> None:
         "to a log file. Wall and CPU in seconds, peak RSS in MB (os.wait4 of the child).",
         "",
         "```",
-        table.to_string(index=False),
+        text(table),
         "```",
         "",
     ]
@@ -120,17 +129,16 @@ def main() -> None:
     rows = []
     for runs in args.runs:
         rows.extend({"code": args.label, **row} for row in benchmark(runs, workdir, args.profile))
-    table = pd.DataFrame(rows)
+    table = pl.DataFrame(rows)
     parquet = args.out.with_suffix(".parquet")
     if parquet.exists():  # keep earlier rows (e.g. `before`) unless this run remeasured them
-        old = pd.read_parquet(parquet)
+        old = pl.read_parquet(parquet)
         key = ["code", "command", "profile", "runs"]
-        stale = old.set_index(key).index.isin(table.set_index(key).index)
-        table = pd.concat([old[~stale], table], ignore_index=True)
+        table = pl.concat([old.join(table, on=key, how="anti"), table], how="diagonal_relaxed")
     parquet.parent.mkdir(parents=True, exist_ok=True)
-    table.to_parquet(parquet, index=False)
+    table.write_parquet(parquet)
     write_table(table, args.out.with_suffix(".md"))
-    print(table.to_string(index=False))
+    print(text(table))
     if not args.keep:
         shutil.rmtree(workdir)
 
