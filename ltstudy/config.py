@@ -330,11 +330,9 @@ def config_hash(payload: Mapping) -> str:
 
 class _SettingsChecker:
     """Schema checks of each run's merged settings, section by section, remembering the
-    sections found valid: a grid's runs share all but a few values, and jsonschema on every
-    whole run took most of the time to expand thousands of runs. A section is known by its
-    value, or by identity while the merged settings share it with the study's (the checker
-    keeps it, so its id is not reused). Errors come from the check of the whole settings, so
-    they read as before."""
+    sections found valid by their value: a grid's runs share all but a few values, and
+    jsonschema on every whole run took most of the time to expand thousands of runs. Errors
+    come from the check of the whole settings, so they read as before."""
 
     def __init__(self, checker: jsonschema.protocols.Validator) -> None:
         self.whole = checker.evolve(schema={"$ref": "#/$defs/settings"})
@@ -346,23 +344,18 @@ class _SettingsChecker:
             for key in settings["properties"]
         }
         self.valid: set[tuple] = set()
-        self.kept: dict[tuple[str, int], Any] = {}
 
     def check(self, settings: Mapping, source: str) -> None:
         if not self.split:
             _raise_first(list(self.whole.iter_errors(settings)), source)
             return
         for key, value in settings.items():
-            if self.kept.get((key, id(value)), self) is value:
-                continue
             token = (key, type(value), json.dumps(value, sort_keys=True, default=repr))
             if token not in self.valid:
                 section = self.sections.get(key)
                 if section is None or not section.is_valid(value):
                     _raise_first(list(self.whole.iter_errors(settings)), source)
                 self.valid.add(token)
-            if isinstance(value, dict | list):
-                self.kept[key, id(value)] = value
 
 
 def expand_runs(config: Mapping, source: str = "config") -> dict[str, dict]:
@@ -540,11 +533,11 @@ def resolve_run(
     name: str,
     settings: dict,
     source: str,
-    data: Mapping | None = None,
+    data: Mapping,
 ) -> dict:
     """Turn merged settings into a complete run spec, with semantic checks. `data` is the
-    study's data settings (study_data; computed once per study by expand_runs)."""
-    data = _copy(data) if data is not None else study_data(config, study)
+    study's data settings (study_data, computed once per study by expand_runs)."""
+    data = _copy(data)
     # the corpus files' paths, sizes and times join the data id and the run's hash: an edited
     # corpus is tokenized again and its runs retrained
     data["fingerprint"] = corpus_fingerprint(data["corpus"])

@@ -43,9 +43,16 @@ def slurm_preempted(requeued_only: bool = False) -> bool:
     return state in REQUEUED_STATES if requeued_only else state != "CANCELLED"
 
 
-def requeue(handler: Any) -> None:
-    """Requeue through submitit's USR2 `handler` (it requeues, then exits on rank 0), and exit
-    every rank without a result, so the waiting side follows the requeued job."""
+def requeue(signum: int, handler: Any) -> None:
+    """Requeue the job if `signum` asks for it (USR2 always, SIGTERM when Slurm preempted
+    the job) and submitit runs it (`handler`: submitit's USR2 handler, which requeues and then
+    exits on rank 0). Every rank then exits without a result, so the waiting side follows the
+    requeued job; otherwise this returns."""
+    if not callable(handler):  # not a submitit job
+        return
+    if signum == signal.SIGTERM and not slurm_preempted():
+        return
+    print(f"[ltstudy] {signal.Signals(signum).name}: requeueing", flush=True)
     try:
         handler(signal.SIGUSR2, None)
     except subprocess.CalledProcessError:  # `scontrol requeue` refused: Slurm requeues it?
@@ -59,12 +66,5 @@ def requeue_on_preemption() -> None:
     """In a job that has nothing to save (data, evaluation): make Slurm's SIGTERM requeue it
     as USR2 does, unless the job was cancelled."""
     usr2 = signal.getsignal(signal.SIGUSR2)
-    if not callable(usr2):
-        return
-
-    def on_term(signum: int, frame: object) -> None:
-        if slurm_preempted():
-            print("[ltstudy] preempted (SIGTERM): requeueing", flush=True)
-            requeue(usr2)
-
-    signal.signal(signal.SIGTERM, on_term)
+    if callable(usr2):
+        signal.signal(signal.SIGTERM, lambda signum, frame: requeue(signum, usr2))

@@ -41,7 +41,7 @@ from ltstudy.models.transformer import build_model, seeded_values
 from ltstudy.parallel import Layout, World, parallelize
 from ltstudy.parallel.distributed import close_world, init_world
 from ltstudy.parallel.materialize import materialize
-from ltstudy.preemption import requeue, slurm_job_state, slurm_preempted
+from ltstudy.preemption import requeue, slurm_job_state
 
 
 class TrainingInterrupted(RuntimeError):
@@ -102,12 +102,7 @@ class StopSignals:
         """After the checkpoint: requeue the job if `signum` (the signal the ranks agreed on)
         asks for it and submitit runs the job. Does not return when the job is requeued (the
         process exits)."""
-        handler = self._previous.get(signal.SIGUSR2)
-        if not callable(handler):  # not a submitit job
-            return
-        if signum == signal.SIGTERM and not slurm_preempted():
-            return
-        requeue(handler)
+        requeue(signum, self._previous.get(signal.SIGUSR2))
 
 
 def _format_duration(seconds: float) -> str:

@@ -114,10 +114,11 @@ def runs_frame(specs: Mapping[str, Mapping[str, Any]], curves: pl.DataFrame) -> 
     return table_frame("runs", rows).select(TABLES["runs"].names())
 
 
-def collect_runs(specs: Mapping[str, Mapping[str, Any]], out_path: str | Path) -> pl.DataFrame:
-    paths = [Path(s["run_dir"]) / RUN_FILES["train_curves"] for s in specs.values()]
-    curves = [read_run_file("train_curves", p) for p in paths if p.exists()]
-    frame = runs_frame(specs, pl.concat(curves) if curves else table_frame("train_curves", []))
+def collect_runs(
+    specs: Mapping[str, Mapping[str, Any]], curves_path: str | Path, out_path: str | Path
+) -> pl.DataFrame:
+    """The runs table, with final losses from the collected training curves at `curves_path`."""
+    frame = runs_frame(specs, pl.read_parquet(curves_path))
     write_table("runs", frame, out_path)
     return frame
 

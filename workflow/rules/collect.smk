@@ -30,7 +30,7 @@ rule collect_runs:
     run:
         from ltstudy.results.collect import collect_runs
 
-        collect_runs(RUNS, output[0])
+        collect_runs(RUNS, f"{RESULTS}/train_curves.parquet", output[0])
 
 
 for _study in sorted({s["study"] for s in RUNS.values()}):
