@@ -15,7 +15,8 @@ report [--results R] [--reports P]   rebuild the HTML report from results tables
 throughput [--variants ...] [--sizes ...] [--contexts ...]   benchmark on random weights:
                           print a table, write results/benchmarks/throughput-<device>.{parquet,md}
 plan [CONFIG]             every training run's layout (nodes x GPUs, data x context degree,
-                          checkpointing, micro-batch), peak memory per GPU and GPU-hours
+                          checkpointing, micro-batch), peak memory per GPU and GPU-hours; each
+                          evaluation length's context degree and memory per GPU
 memory [--variants ...] [--sizes ...] [--contexts ...]   measured peak memory of a training
                           step and a prefill, each in a fresh process, beside the planner's
                           estimate: results/benchmarks/memory-<device>.{parquet,md}
@@ -180,23 +181,23 @@ def cmd_throughput(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from ltstudy.plan import plan_run
-    from ltstudy.plan.report import plan_table
+    from ltstudy.plan import plan_evaluations, plan_run
+    from ltstudy.plan.report import eval_table, plan_table
 
     _, runs = load_study(args.config, check_fit=False)
-    plans = [
-        plan_run(spec, mfu=args.mfu, peak_tflops=args.peak_tflops)
-        for spec in runs.values()
-        if "train" in spec["stages"]
-    ]
+    trained = [spec for spec in runs.values() if "train" in spec["stages"]]
+    plans = [plan_run(spec, mfu=args.mfu, peak_tflops=args.peak_tflops) for spec in trained]
+    evaluations = [plan for spec in trained for plan in plan_evaluations(spec)]
     print(plan_table(plans, args.mfu, args.peak_tflops, summary=args.summary))
+    print()
+    print(eval_table(evaluations, summary=args.summary))
     return 0
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
     import torch
 
-    from ltstudy.plan.benchmark import HEADER, reestimate, run_points, write_table
+    from ltstudy.plan.benchmark import HEADER, earlier_rows, reestimate, run_points, write_table
 
     if args.reestimate:
         path = Path(args.reestimate)
@@ -214,19 +215,22 @@ def cmd_memory(args: argparse.Namespace) -> int:
             "context": context,
             "mode": mode,
             "activation_checkpointing": level,
+            "context_parallel": degree,
         }
         for size in args.sizes
         for variant in args.variants
         for mode in args.modes
         for level in (args.checkpointing if mode == "train" else ["none"])
+        for degree in (args.context_parallel if mode == "train" else [1])
         for context in args.contexts
     ]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")
     out = Path(args.out) / f"memory-{slug}"
     title = f"peak memory on {device}: measured, and the planner's estimate"
+    kept = earlier_rows(out.with_suffix(".parquet"), points)
     print(HEADER, flush=True)
-    run_points(points, on_row=lambda rows: write_table(rows, out, title))
+    run_points(points, on_row=lambda rows: write_table(kept + rows, out, title))
     print(f"wrote {out.with_suffix('.parquet')} and {out.with_suffix('.md')}")
     return 0
 
@@ -344,6 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", default=["train", "prefill"], choices=["train", "prefill"])
     p.add_argument(
         "--checkpointing", nargs="+", default=["none"], choices=["none", "full", "selective"]
+    )
+    p.add_argument(
+        "--context-parallel",
+        nargs="+",
+        type=int,
+        default=[1],
+        help="context degrees of train points (K > 1: K processes split the sequence)",
     )
     p.add_argument("--out", default="results/benchmarks")
     p.add_argument(

@@ -182,23 +182,12 @@ def validate_study(
     return config, runs
 
 
-def unrunnable_reason(spec: Mapping[str, Any]) -> str | None:
-    """Why a run's training cannot start with this code, or None: its planned layout splits
-    sequences over ranks (context parallelism), which training does not do yet."""
-    degree = spec.get("layout", {}).get("context", 1)
-    if degree == 1:
-        return None
-    plan = spec.get("plan") or {}
-    return (
-        f"{spec['run_id']} needs context parallelism of degree {degree} to fit "
-        f"({plan.get('detail', '')}); training does not split sequences over ranks yet"
-    )
-
-
 def _check_fit(runs: Mapping[str, Mapping], source: str) -> None:
-    """Every run that the planner cannot fit on its GPUs under any layout, named at once."""
+    """Every run that the planner cannot fit on its GPUs under any layout, and every
+    evaluation whose sequence does not fit its job's GPUs, named at once."""
     bad = [s for s in runs.values() if (s.get("plan") or {}).get("status") == "does not fit"]
     if not bad:
+        _check_evaluations_fit(runs, source)
         return
     lines = [f"  {s['run_id']}: {s['plan']['detail']}" for s in bad[:10]]
     more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
@@ -208,6 +197,29 @@ def _check_fit(runs: Mapping[str, Mapping], source: str) -> None:
         "give them more GPUs or nodes (resources.train), a smaller train.micro_batch_size or "
         "activation checkpointing, or a larger resources.train.gpu_memory_gb if the GPUs "
         "have more memory"
+    )
+
+
+def _check_evaluations_fit(runs: Mapping[str, Mapping], source: str) -> None:
+    bad = [
+        (s["run_id"], e)
+        for s in runs.values()
+        for e in (s.get("plan") or {}).get("evaluate", [])
+        if e["status"] == "does not fit"
+    ]
+    if not bad:
+        return
+    lines = [
+        f"  {run} {e['stage']} at {e['length']:,} tokens: {e['memory_gb']} GB per GPU"
+        + (f", fits on {e['needs']} GPUs" if e.get("needs") else "")
+        for run, e in bad[:10]
+    ]
+    more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+    raise ConfigError(
+        f"{source}: {len(bad)} evaluation(s) do not fit their job's GPUs (`ltstudy plan` shows "
+        "every one):\n" + "\n".join(lines) + more + "\n"
+        "give those runs more GPUs (resources.evaluate.gpu: an evaluation splits each sequence "
+        "over them) or shorter evaluation lengths"
     )
 
 
@@ -438,22 +450,25 @@ def _link_init_from(runs: dict[str, dict], source: str) -> None:
 
 
 def _tasks_per_node(resources: Mapping, group: str, source: str) -> int:
-    """One process per GPU for training (GPUs requested = GPUs used); evaluation and data
-    preparation run in one process."""
+    """One process per GPU for training and evaluation (GPUs requested = GPUs used; an
+    evaluation's ranks split each sequence it scores or decodes over them); data preparation
+    runs in one process. Evaluation jobs run on one node."""
     gpu, tasks = resources["gpu"], resources["tasks_per_node"]
     field = f"{source}: config field `resources.{group}"
-    if group != "train":
+    if group == "data":
         if gpu > 1 or resources["nodes"] > 1 or (tasks or 1) > 1:
             raise ConfigError(
-                f"{field}`: the {group} stage runs in one process on at most one GPU; set "
+                f"{field}`: the data stage runs in one process on at most one GPU; set "
                 "gpu: 0 or 1, nodes: 1 and tasks_per_node: 1"
             )
         return 1
+    if group == "evaluate" and resources["nodes"] > 1:
+        raise ConfigError(f"{field}.nodes`: evaluation runs on one node; set nodes: 1")
     if tasks is None:
         return max(gpu, 1)
     if gpu and tasks != gpu:
         raise ConfigError(
-            f"{field}.tasks_per_node`: {tasks} processes but gpu: {gpu}; training runs one "
+            f"{field}.tasks_per_node`: {tasks} processes but gpu: {gpu}; {group} runs one "
             "process per GPU, so leave tasks_per_node out or set it to gpu"
         )
     return tasks
@@ -670,10 +685,11 @@ def _plan_layout(spec: dict, source: str) -> None:
     """Fill the layout's `auto` choices from the planner (`_check_fit` rejects runs that fit
     under no layout). Runs that differ only in what the planner does not read (a grid over
     seeds, say) share one plan."""
-    from ltstudy.plan import GB, PlanError, plan_run
+    from ltstudy.plan import GB, PlanError, plan_evaluations, plan_run
 
     key = json.dumps(
-        [spec[k] for k in ("model", "context", "train", "layout")] + [spec["resources"]["train"]],
+        [spec[k] for k in ("model", "context", "train", "layout", "stages", "evaluate")]
+        + [spec["resources"]["train"], spec["resources"]["evaluate"]],
         sort_keys=True,
     )
     if key not in _PLANS:
@@ -692,6 +708,18 @@ def _plan_layout(spec: dict, source: str) -> None:
             "memory_gb": round(plan.estimate.total / GB, 2),
             "capacity_gb": round(plan.capacity / GB, 2),
             "gpu_hours": round(plan.gpu_hours, 1),
+            # the context degree of each evaluation stage and length (GPUs sharing a sequence)
+            "evaluate": [
+                {
+                    "stage": e.stage,
+                    "length": e.length,
+                    "context": e.context_parallel,
+                    "memory_gb": round(e.estimate.total / GB, 2),
+                    "status": e.status,
+                    "needs": e.needs,
+                }
+                for e in plan_evaluations(spec)
+            ],
         }
         _PLANS[key] = choices, summary
     choices, summary = _PLANS[key]

@@ -27,7 +27,6 @@ from typing import Any
 import submitit
 
 from ltstudy.attempts import clear_attempts, close_attempts, recorded_attempt, total_seconds
-from ltstudy.config import unrunnable_reason
 from ltstudy.failures import failure_reason
 from ltstudy.io import read_json, write_json
 from ltstudy.preemption import requeue_on_preemption
@@ -212,10 +211,6 @@ def launch(
             print(f"[ltstudy] {label} {stage}: cannot record status {status}: {err}", flush=True)
 
     write_json(work_dir / "spec.json", payload)
-    reason = unrunnable_reason(payload) if stage == "train" else None
-    if reason:  # refused before a job (and its GPUs) is asked for
-        record(status="failed", reason=reason, finished=time.time())
-        raise LaunchError(reason)
     gpus_used = params["gpus_per_node"] * int(resources.get("nodes", 1))
     with claimed_local_gpus(params["gpus_per_node"] if launcher == "local" else 0) as gpus:
         if gpus:
@@ -253,5 +248,6 @@ def launch(
         status="done",
         finished=time.time(),
         world_size=result.get("world_size", ranks) if isinstance(result, dict) else ranks,
+        context_parallel=result.get("context_parallel", 1) if isinstance(result, dict) else 1,
     )
     return result

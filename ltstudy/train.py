@@ -33,14 +33,15 @@ from ltstudy.checkpoint import (
     safetensors_source,
     save_checkpoint,
 )
-from ltstudy.config import unrunnable_reason
 from ltstudy.data.dataset import Batch, TokenData
 from ltstudy.device import autocast, configure_threads
 from ltstudy.models.config import ModelConfig
 from ltstudy.models.transformer import build_model, seeded_values
-from ltstudy.parallel import Layout, World, parallelize
-from ltstudy.parallel.distributed import close_world, init_world
+from ltstudy.parallel.context import ContextGroup, ContextParallel, context_group
+from ltstudy.parallel.distributed import World, close_world, init_world
 from ltstudy.parallel.materialize import materialize
+from ltstudy.parallel.parallelize import Layout, parallelize
+from ltstudy.parallel.spans import span_multiple, span_problem
 from ltstudy.preemption import requeue, slurm_job_state
 
 
@@ -137,27 +138,48 @@ def run_paths(spec: Mapping[str, Any]) -> dict[str, Path]:
 @dataclass(frozen=True)
 class Share:
     """This rank's part of every step: which rows of the global batch, in micro-batches of
-    what size, and the factor that undoes FSDP2's averaging of gradients over the ranks."""
+    what size, the factor that undoes FSDP2's averaging of gradients over the ranks, and (with
+    context parallelism) the group that splits each sequence and the chunk its spans keep."""
 
     rows: slice
     micro: int
     ranks: int
+    context: ContextGroup | None = None
+    span_multiple: int = 1
+
+    def span(self, batch: Batch) -> tuple[Batch, ContextParallel | None]:
+        """This rank's span of every sequence: columns [offset, offset + span + 1) of the
+        [rows, context + 1] tensors hold its inputs and, shifted by one, its labels."""
+        if self.context is None:
+            return batch, None
+        split = self.context.split(batch[0].shape[1] - 1, self.span_multiple)
+        start = split.offset
+        return tuple(x[:, start : start + split.length + 1] for x in batch), split
 
 
 def job_layout(spec: Mapping[str, Any], world: World) -> tuple[Layout, Share]:
     """The planned layout, fitted to the world this job actually has (one process when a stage
-    is debugged in place, say), and this rank's share of each batch."""
-    reason = unrunnable_reason(spec)
-    if reason:
-        raise ValueError(reason)
+    is debugged in place, say), and this rank's share of each batch: ranks form a (data,
+    context) mesh; a context group shares its rows and splits each sequence over its ranks."""
+    planned = spec["layout"]
+    degree = planned["context"] if world.size > 1 else 1
+    if world.size % degree:
+        raise ValueError(
+            f"{spec['run_id']}: config field `parallel.context`: {degree} does not divide the "
+            f"job's {world.size} ranks"
+        )
+    data_parallel = world.size // degree
     batch = spec["train"]["batch_size"]
-    if batch % world.size:
+    if batch % data_parallel:
         raise ValueError(
             f"{spec['run_id']}: config field `train.batch_size`: {batch} sequences do not split "
-            f"evenly over {world.size} ranks"
+            f"evenly over {data_parallel} data-parallel ranks"
         )
-    rows = batch // world.size
-    planned = spec["layout"]
+    multiple = span_multiple(spec["model"])
+    problem = span_problem(spec["model"], spec["context"], degree)
+    if problem:
+        raise ValueError(f"{spec['run_id']}: config field `parallel.context`: {problem}")
+    rows = batch // data_parallel
     micro = min(planned["micro_batch_size"], rows)
     while rows % micro:
         micro -= 1
@@ -167,8 +189,10 @@ def job_layout(spec: Mapping[str, Any], world: World) -> tuple[Layout, Share]:
         hybrid_shard=planned["hybrid_shard"],
         param_dtype="bf16" if bf16 else "fp32",
     )
-    share = Share(slice(world.rank * rows, (world.rank + 1) * rows), micro, world.size)
-    return layout, share
+    group = context_group(world.device.type, world.size, degree) if degree > 1 else None
+    data_rank = world.rank if group is None else group.data_rank
+    rows_slice = slice(data_rank * rows, (data_rank + 1) * rows)
+    return layout, Share(rows_slice, micro, world.size, group, multiple)
 
 
 def build_training_model(spec: Mapping[str, Any], layout: Layout, world: World) -> torch.nn.Module:
@@ -207,9 +231,10 @@ def forward_backward(
     answer_weight = cfg["answer_loss_weight"]
     tokens, answers = (max(c, 1.0) for c in counts)
     loss_sum = 0.0
+    batch, context = share.span(batch)
     for part, marked, pad in zip(*(x.to(device).split(share.micro) for x in batch), strict=True):
         with autocast(device, cfg["dtype"]):
-            losses = model.token_losses(part[:, :-1], part[:, 1:])
+            losses = model.token_losses(part[:, :-1], part[:, 1:], context=context)
         token_sum = (losses * ~pad[:, 1:]).sum()
         objective = token_sum / tokens
         if answer_weight:
@@ -245,7 +270,7 @@ def train_step(
     batch = data.sample_batch(
         cfg["batch_size"], spec["context"] + 1, spec["seed"], step, cfg["windows"], share.rows
     )
-    counts = batch_counts(batch, world)
+    counts = batch_counts(share.span(batch)[0], world)
     loss_sum = forward_backward(model, batch, share, spec, counts)
     loss = world.sum(loss_sum) / max(counts[0], 1.0)
     if before_update is not None:
@@ -339,11 +364,13 @@ def _train(
     steps, batch = cfg["steps"], cfg["batch_size"]
     seq_tokens = batch * spec["context"]
     params = sum(p.numel() for p in model.parameters())
+    degree = 1 if share.context is None else share.context.size
+    split = f", each split over {degree} context ranks" if degree > 1 else ""
     log(
         f"{spec['variant']} {spec['size']} on {world.size} x {device.type}: {steps} steps x "
-        f"{seq_tokens:,} tokens, {params:,} parameters; {batch // world.size} sequences per "
-        f"rank in micro-batches of {share.micro}, activation checkpointing "
-        f"{layout.activation_checkpointing}"
+        f"{seq_tokens:,} tokens, {params:,} parameters; {batch * degree // world.size} "
+        f"sequences per rank{split}, in micro-batches of {share.micro}, activation "
+        f"checkpointing {layout.activation_checkpointing}"
     )
     model.train()
     segment_start, segment_steps = time.perf_counter(), 0
@@ -399,6 +426,7 @@ def _train(
         "config_hash": spec["config_hash"],
         "step": steps,
         "world_size": world.size,
+        "context_parallel": degree,
     }
     export_model(model, paths["model"], metadata, world)
     world.barrier()
@@ -413,6 +441,7 @@ def _train(
         "final_loss": final,
         "train_s": elapsed,
         "world_size": world.size,
+        "context_parallel": degree,
     }
 
 

@@ -33,5 +33,15 @@ PYTHON
   timeout "${MEMORY_TIMEOUT_S:-420}" "$PY" -m ltstudy memory --sizes ${SIZES:-500M 1.5B} \
     --variants ${VARIANTS:-full ttt_full} --contexts ${CONTEXTS:-32768} \
     --modes train prefill --checkpointing full none
+  # Context parallelism over NCCL needs a GPU per rank: only on a machine with two or more.
+  if [ "$("$PY" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+    timeout "${COMM_TIMEOUT_S:-300}" "$PY" scripts/comm_benchmark.py \
+      --size "${COMM_SIZE:-500M}" --contexts ${COMM_CONTEXTS:-32768}
+  else
+    echo "one GPU: the NCCL communication benchmark (scripts/comm_benchmark.py) is skipped"
+  fi
 } 2>&1 | tee "$LOG"
-if [ -n "${OUT:-}" ]; then cp results/benchmarks/memory-*.md results/benchmarks/memory-*.parquet "$OUT"/; fi
+if [ -n "${OUT:-}" ]; then
+  cp results/benchmarks/memory-*.md results/benchmarks/memory-*.parquet "$OUT"/
+  cp results/benchmarks/comm-cuda.* "$OUT"/ 2>/dev/null || true
+fi

@@ -60,7 +60,7 @@ def first_gradients(
 
 
 def train_and_gradients(
-    specs: Sequence[Mapping[str, Any]], hybrid: Sequence[Mapping[str, Any]] = ()
+    specs: Sequence[Mapping[str, Any]], hybrid: Sequence[Mapping[str, Any]] = (), steps: int = 2
 ) -> list[list[dict]]:
     """Train each run to the end (its curve lands in its run folder), then record its first
     steps' gradients, all in one process group. `hybrid` runs only record gradients, with the
@@ -69,7 +69,7 @@ def train_and_gradients(
         out = []
         for spec in specs:
             _train(spec, world, None)
-            out.append(first_gradients(spec, world))
+            out.append(first_gradients(spec, world, steps))
         as_two_nodes = dataclasses.replace(world, nodes=2)
         out += [first_gradients(spec, as_two_nodes) for spec in hybrid]
         return out

@@ -15,7 +15,7 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from ltstudy.checkpoint import checkpoint_dirs, save_checkpoint
 from ltstudy.io import read_json, write_json
-from ltstudy.parallel import World
+from ltstudy.parallel.distributed import World
 from ltstudy.train import build_training_model, job_layout, make_optimizer, run_paths, train
 from tests.conftest import micro_spec
 from tests.test_distributed import two_rank_job

@@ -35,3 +35,15 @@ def test_bf16_training_step_and_cached_decoding_on_the_gpu(variant):
             model(ids[:, t : t + 1], cache) for t in range(200, 300)
         ]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=2e-3, atol=2e-3)
+
+
+def test_trailing_causal_attention_on_the_gpu():
+    """The context-parallel full-attention kernel (bottom-right causal mask on SDPA's CUDA
+    kernels) against the CPU form, bf16 inputs."""
+    from ltstudy.ops.attention import trailing_causal_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, t, 64, generator=g) for h, t in ((8, 256), (2, 1024), (2, 1024)))
+    expected = trailing_causal_attention(q, k, v)
+    got = trailing_causal_attention(*(x.cuda().bfloat16() for x in (q, k, v)))
+    torch.testing.assert_close(got.float().cpu(), expected, rtol=0.02, atol=0.02)

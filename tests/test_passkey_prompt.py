@@ -7,6 +7,7 @@ import torch
 from ltstudy.data.tokenizer import ByteTokenizer
 from ltstudy.evaluate.passkey import greedy_decode
 from ltstudy.evaluate.passkey_prompt import depth_grid, min_prompt_length, passkey_prompt
+from ltstudy.models.transformer import Cache
 from tests.test_ruler import tokenizers_under_test  # noqa: F401 (a fixture)
 
 # Landmark's parts, written out here
@@ -67,7 +68,7 @@ def test_min_prompt_length_is_the_filler_free_prompt():
 
 
 class Scripted(torch.nn.Module):
-    """A stand-in model that emits a fixed token sequence, one token per forward call."""
+    """A stand-in model that emits a fixed token sequence, one token per call."""
 
     def __init__(self, script, vocab=258):
         super().__init__()
@@ -75,10 +76,10 @@ class Scripted(torch.nn.Module):
         self.script, self.vocab, self.step = script, vocab, 0
 
     def new_cache(self):
-        return None
+        return Cache()
 
-    def forward(self, ids, cache=None):
-        logits = torch.zeros(1, ids.shape[1], self.vocab)
+    def logits_at(self, ids, positions, cache=None):
+        logits = torch.zeros(1, 1, self.vocab)
         logits[0, -1, self.script[self.step]] = 1.0
         self.step += 1
         return logits

@@ -22,6 +22,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from ltstudy.data.tokenizer import get_tokenizer
 from ltstudy.device import autocast
 from ltstudy.evaluate.setup import trained_model
+from ltstudy.models.attention import reserve_kv_cache
 from ltstudy.results.schemas import identity, write_table
 
 
@@ -133,12 +134,13 @@ class HarnessLM(TemplateLM):
 
     def _greedy(self, prompt: list[int], max_new: int, until: list[str]) -> str:
         cache = self.model.new_cache()
+        reserve_kv_cache(cache, len(prompt) + max_new)
         ids = torch.tensor([prompt], device=self.where)
         new: list[int] = []
         text = ""
         for _ in range(max_new):
             with autocast(self.where, self.dtype):
-                token = int(self.model(ids, cache)[0, -1].argmax())
+                token = int(self.model.logits_at(ids, -1, cache)[0, -1].argmax())
             if token == self.eot_token_id:
                 break
             new.append(token)

@@ -29,19 +29,35 @@ from torch import Tensor
 
 from ltstudy.data.dataset import TokenData
 from ltstudy.device import autocast
-from ltstudy.evaluate.setup import position_methods, trained_model
+from ltstudy.evaluate.setup import (
+    Ranks,
+    evaluation_ranks,
+    position_methods,
+    sequence_losses,
+    trained_model,
+)
 from ltstudy.models.rope import scaling_label
 from ltstudy.results.schemas import identity, write_table
 
 
-def _losses(model: torch.nn.Module, window: Tensor, labels: Tensor, dtype: str) -> Tensor:
+def _losses(
+    model: torch.nn.Module, window: Tensor, labels: Tensor, dtype: str, ranks: Ranks | None
+) -> Tensor:
+    """Per-token losses of one window, split over the job's ranks when it has several."""
     device = next(model.parameters()).device
+    ids, labels = window[None, :-1].to(device), labels[None].to(device)
+    context = None if ranks is None else ranks.split(model, ids.shape[1])
     with torch.no_grad(), autocast(device, dtype):
-        return model.token_losses(window[None, :-1].to(device), labels[None].to(device))[0].float()
+        return sequence_losses(model, ids, labels, context)[0].float()
 
 
 def sliding_window_nll(
-    model: torch.nn.Module, tokens: Tensor, length: int, stride: int, dtype: str = "bf16"
+    model: torch.nn.Module,
+    tokens: Tensor,
+    length: int,
+    stride: int,
+    dtype: str = "bf16",
+    ranks: Ranks | None = None,
 ) -> tuple[float, int, int]:
     """(summed NLL, scored tokens, windows) over a 1-D token tensor."""
     if not 1 <= stride <= length:
@@ -58,7 +74,7 @@ def sliding_window_nll(
             window = tokens[begin:end]
             labels = window[1:].clone()
             labels[: first - begin - 1] = -100
-            nll_sum += float(_losses(model, window, labels, dtype).sum())
+            nll_sum += float(_losses(model, window, labels, dtype, ranks).sum())
             scored, windows = scored + end - first, windows + 1
         prev_end = end
         if end == n:
@@ -67,7 +83,12 @@ def sliding_window_nll(
 
 
 def final_block_nll(
-    model: torch.nn.Module, documents: list[Tensor], length: int, block: int, dtype: str = "bf16"
+    model: torch.nn.Module,
+    documents: list[Tensor],
+    length: int,
+    block: int,
+    dtype: str = "bf16",
+    ranks: Ranks | None = None,
 ) -> tuple[float, int, int]:
     """(summed NLL, scored tokens, documents) of each document's last `block` tokens, read in a
     window of the document's last `length` tokens (length - block tokens of context)."""
@@ -83,19 +104,24 @@ def final_block_nll(
         window = doc[doc.numel() - length :]
         labels = window[1:].clone()
         labels[: length - 1 - block] = -100
-        nll_sum += float(_losses(model, window, labels, dtype).sum())
+        nll_sum += float(_losses(model, window, labels, dtype, ranks).sum())
         scored += block
     return nll_sum, scored, len(documents)
 
 
 def loss_by_position(
-    model: torch.nn.Module, documents: list[Tensor], length: int, buckets: int, dtype: str = "bf16"
+    model: torch.nn.Module,
+    documents: list[Tensor],
+    length: int,
+    buckets: int,
+    dtype: str = "bf16",
+    ranks: Ranks | None = None,
 ) -> list[dict[str, Any]]:
     """Mean NLL per bucket of token positions over the first `length` tokens of documents."""
     total = torch.zeros(length)
     for doc in documents:
         window = doc[: length + 1]
-        total += _losses(model, window, window[1:], dtype).cpu()
+        total += _losses(model, window, window[1:], dtype, ranks).cpu()
     mean = total / len(documents)
     edges = [round(i * length / buckets) for i in range(buckets + 1)]
     return [
@@ -128,8 +154,15 @@ def long_documents(data_dir: str, min_tokens: int, limit: int) -> list[Tensor]:
 
 
 def evaluate_perplexity(spec: Mapping[str, Any], out_paths: Mapping[str, str]) -> None:
+    with evaluation_ranks() as ranks:
+        _evaluate_perplexity(spec, out_paths, ranks)
+
+
+def _evaluate_perplexity(
+    spec: Mapping[str, Any], out_paths: Mapping[str, str], ranks: Ranks
+) -> None:
     cfg = spec["evaluate"]["perplexity"]
-    model = trained_model(spec)
+    model = trained_model(spec, ranks)
     data = TokenData.load(spec["data_dir"], "validation")
     dtype, tag = spec["train"]["dtype"], spec["run_id"]
     rows, positions = [], []
@@ -160,11 +193,14 @@ def evaluate_perplexity(spec: Mapping[str, Any], out_paths: Mapping[str, str]) -
                 "ppl": math.exp(mean),
             }
         )
-        print(
-            f"[perplexity {tag}] {protocol} length {length:,} rope {scaling_label(scaling)}: "
-            f"ppl {math.exp(mean):.3f} over {scored:,} tokens",
-            flush=True,
+        say(
+            f"{protocol} length {length:,} rope {scaling_label(scaling)}: "
+            f"ppl {math.exp(mean):.3f} over {scored:,} tokens"
         )
+
+    def say(message: str) -> None:
+        if ranks.is_main:
+            print(f"[perplexity {tag}] {message}", flush=True)
 
     for length in cfg["lengths"]:
         stride = cfg["stride"] or max(1, length // 2)
@@ -178,17 +214,15 @@ def evaluate_perplexity(spec: Mapping[str, Any], out_paths: Mapping[str, str]) -
             tokens = data.head(max(cfg["max_tokens"], length + 1))
         docs = long_documents(spec["data_dir"], length + 1, cfg["documents"])  # by_position
         if not docs and {"final_block", "by_position"} & set(cfg["protocols"]):
-            print(
-                f"[perplexity {tag}] no validation document has {length + 1:,} tokens: "
-                "final_block and by_position skipped at this length",
-                flush=True,
+            say(
+                f"no validation document has {length + 1:,} tokens: "
+                "final_block and by_position skipped at this length"
             )
         final_block = "final_block" in cfg["protocols"] and docs and cfg["block"] < length
         if "final_block" in cfg["protocols"] and cfg["block"] >= length:
-            print(
-                f"[perplexity {tag}] final_block skipped at length {length:,}: the window "
-                f"holds no context before a block of {cfg['block']:,} tokens",
-                flush=True,
+            say(
+                f"final_block skipped at length {length:,}: the window "
+                f"holds no context before a block of {cfg['block']:,} tokens"
             )
         for scaling in position_methods(model, spec, cfg, length):
             if "stride" in cfg["protocols"]:
@@ -196,7 +230,7 @@ def evaluate_perplexity(spec: Mapping[str, Any], out_paths: Mapping[str, str]) -
                     "stride",
                     length,
                     scaling,
-                    *sliding_window_nll(model, tokens, length, stride, dtype),
+                    *sliding_window_nll(model, tokens, length, stride, dtype, ranks),
                     stride=stride,
                 )
             if final_block:
@@ -204,13 +238,15 @@ def evaluate_perplexity(spec: Mapping[str, Any], out_paths: Mapping[str, str]) -
                     "final_block",
                     length,
                     scaling,
-                    *final_block_nll(model, docs, length, cfg["block"], dtype),
+                    *final_block_nll(model, docs, length, cfg["block"], dtype, ranks),
                     block=cfg["block"],
                 )
             if "by_position" in cfg["protocols"] and docs:
-                for row in loss_by_position(model, docs, length, cfg["buckets"], dtype):
+                by_position = loss_by_position(model, docs, length, cfg["buckets"], dtype, ranks)
+                for row in by_position:
                     positions.append(
                         {**identity(spec), "length": length, "rope": scaling_label(scaling), **row}
                     )
-    write_table("perplexity", rows, out_paths["table"])
-    write_table("position_loss", positions, out_paths["positions"])
+    if ranks.is_main:
+        write_table("perplexity", rows, out_paths["table"])
+        write_table("position_loss", positions, out_paths["positions"])

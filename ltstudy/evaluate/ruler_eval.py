@@ -14,14 +14,19 @@ from ltstudy.data.dataset import document_texts
 from ltstudy.data.tokenizer import get_tokenizer
 from ltstudy.evaluate.passkey import greedy_decode
 from ltstudy.evaluate.ruler import TaskSkipped, build_sources, generate, score
-from ltstudy.evaluate.setup import position_methods, trained_model
+from ltstudy.evaluate.setup import Ranks, evaluation_ranks, position_methods, trained_model
 from ltstudy.models.rope import scaling_label
 from ltstudy.results.schemas import identity, write_table
 
 
 def evaluate_ruler(spec: Mapping[str, Any], out_path: str) -> None:
+    with evaluation_ranks() as ranks:
+        _evaluate_ruler(spec, out_path, ranks)
+
+
+def _evaluate_ruler(spec: Mapping[str, Any], out_path: str, ranks: Ranks) -> None:
     cfg = spec["evaluate"]["ruler"]
-    model = trained_model(spec)
+    model = trained_model(spec, ranks)
     tokenizer = get_tokenizer(spec["data"]["tokenizer"])
     texts = document_texts(spec["data_dir"], "validation", tokenizer, max_documents=200)
     sources = build_sources(texts, cfg["squad_path"], cfg["hotpotqa_path"])
@@ -66,6 +71,7 @@ def evaluate_ruler(spec: Mapping[str, Any], out_path: str) -> None:
                         sample.max_new_tokens,
                         spec["train"]["dtype"],
                         tokenizer.eos_id,
+                        ranks,
                     )
                     prediction = tokenizer.decode(new)
                     scores.append(score(prediction, sample.references, sample.metric))
@@ -80,9 +86,11 @@ def evaluate_ruler(spec: Mapping[str, Any], out_path: str) -> None:
                         }
                     )
                 result = f"{sum(scores) / len(scores):.1f}" if scores else "skipped"
-                print(
-                    f"[ruler {spec['run_id']}] {task} length {length:,} "
-                    f"rope {scaling_label(scaling)}: {result}",
-                    flush=True,
-                )
-    write_table("ruler", rows, out_path)
+                if ranks.is_main:
+                    print(
+                        f"[ruler {spec['run_id']}] {task} length {length:,} "
+                        f"rope {scaling_label(scaling)}: {result}",
+                        flush=True,
+                    )
+    if ranks.is_main:
+        write_table("ruler", rows, out_path)

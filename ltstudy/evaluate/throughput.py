@@ -34,6 +34,7 @@ from ltstudy.device import (
     reset_peak_memory,
     synchronize,
 )
+from ltstudy.models.attention import reserve_kv_cache
 from ltstudy.models.flops import flops_per_token
 from ltstudy.models.transformer import build_model, count_parameters
 from ltstudy.plan.benchmark import run_fresh
@@ -102,14 +103,15 @@ def _step(
 
         return run
     cache = model.new_cache()
+    reserve_kv_cache(cache, tokens.shape[1] - 1 + decode_tokens)
     with torch.no_grad(), autocast(device, dtype):
-        model(tokens[:, :-1], cache)
+        model.logits_at(tokens[:, :-1], -1, cache)
 
     def run() -> None:
         step = tokens[:, -1:]
         with torch.no_grad(), autocast(device, dtype):
             for _ in range(decode_tokens):
-                step = model(step, cache)[:, -1:].argmax(-1)
+                step = model.logits_at(step, -1, cache).argmax(-1)
 
     return run
 

@@ -1,11 +1,14 @@
 """Softmax attention mixer: RoPE, grouped-query heads, optional QK-norm and sliding window.
 
 One class serves `full`, `swa` and `hybrid` (which gives every `full_every`-th layer full
-attention and the others the window). The decode cache keeps keys and values: all of them for
-full attention, the last window - 1 for a sliding window.
+attention and the others the window). The decode cache keeps keys and values in preallocated
+buffers, written in place: all of them for full attention, the last window - 1 for a sliding
+window.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -14,11 +17,17 @@ from torch import Tensor, nn
 from ltstudy.models.config import ModelConfig
 from ltstudy.models.layers import RMSNorm, apply_rotary
 from ltstudy.ops.attention import (
+    attention_with_lse,
     causal_attention,
-    repeat_kv,
+    context_attention,
+    merge_partial,
     sliding_window_attention,
     sliding_window_mask,
 )
+from ltstudy.parallel.context import ContextParallel
+
+if TYPE_CHECKING:
+    from ltstudy.models.transformer import Cache
 
 
 def layer_window(cfg: ModelConfig, layer_idx: int) -> int | None:
@@ -36,22 +45,93 @@ def attend(q: Tensor, k: Tensor, v: Tensor, window: int | None) -> Tensor:
     )
 
 
+def reserve_kv_cache(cache: Cache, tokens: int) -> None:
+    """Size the key/value buffers of a model's decode cache for `tokens` in all (prompt + new
+    tokens): full-attention layers then allocate them once, at the prefill, and never grow
+    them (growing copies the whole cache and briefly holds it twice); other layers ignore it."""
+    for layer in cache.layers:
+        layer.setdefault("mixer", {})["capacity"] = tokens
+
+
 def attend_cached(q: Tensor, k: Tensor, v: Tensor, window: int | None, cache: dict) -> Tensor:
-    """New queries against cached + new keys; keeps what later queries still need."""
-    if "k" in cache:
-        k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-    t_new, t_all = q.shape[2], k.shape[2]
-    if t_new == t_all:
-        y = attend(q, k, v, window)
-    else:
-        n_rep = q.shape[1] // k.shape[1]
-        mask = sliding_window_mask(t_new, t_all, window or t_all, q.device)
-        y = F.scaled_dot_product_attention(
-            q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask
-        )
-    keep = t_all if window is None else min(t_all, window - 1)
-    cache["k"], cache["v"] = k[:, :, t_all - keep :], v[:, :, t_all - keep :]
+    """New queries against cached + new keys; keeps what later queries still need.
+
+    Keys and values live in preallocated buffers (cache "k", "v" [B, kv_heads, capacity,
+    head_dim]; slots start:end are live) and new ones are written in place, so a decode step
+    copies no cache: full attention keeps every key, a sliding window its last window - 1.
+    """
+    t_new = k.shape[2]
+    if cache.get("end", 0) == cache.get("start", 0):  # nothing cached: attend among the new
+        keep = t_new if window is None else min(t_new, window - 1)
+        _append(cache, k[:, :, t_new - keep :], v[:, :, t_new - keep :], window)
+        return attend(q, k, v, window)
+    k, v = _append(cache, k, v, window)
+    # A single query (decoding) sees every live key; grouped heads share them, not copied.
+    mask = None if t_new == 1 else sliding_window_mask(t_new, k.shape[2], window or k.shape[2])
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] > k.shape[1])
+    if window is not None:
+        cache["start"] = max(cache["start"], cache["end"] - (window - 1))
     return y
+
+
+def _append(cache: dict, k: Tensor, v: Tensor, window: int | None) -> tuple[Tensor, Tensor]:
+    """Write k, v after the live keys and values; return views of live + new. When the buffers
+    are full, the live part moves to new ones: full attention grows them to the reserved
+    capacity or geometrically (a copy per doubling), a sliding window leaves room for `window`
+    more tokens (its window - 1 keys move once every `window` decode steps)."""
+    start, end, t_new = cache.get("start", 0), cache.get("end", 0), k.shape[2]
+    held = cache["k"].shape[2] if "k" in cache else 0
+    if end + t_new > held:
+        live = end - start
+        if window is None:
+            capacity = max(live + t_new, 2 * held, cache.get("capacity", 0))
+        else:
+            capacity = live + t_new + window
+        for name, new in (("k", k), ("v", v)):
+            buffer = new.new_empty(*new.shape[:2], capacity, new.shape[3])
+            if live:
+                buffer[:, :, :live] = cache[name][:, :, start:end]
+            cache[name] = buffer
+        start, end = 0, live
+    cache["k"][:, :, end : end + t_new] = k
+    cache["v"][:, :, end : end + t_new] = v
+    cache["start"], cache["end"] = start, end + t_new
+    return cache["k"][:, :, start : end + t_new], cache["v"][:, :, start : end + t_new]
+
+
+def split_prefill_cache(
+    cache: dict, k: Tensor, v: Tensor, kv: Tensor, window: int | None, context: ContextParallel
+) -> None:
+    """The decode cache after a context-parallel prefill (an empty cache). Full attention keeps
+    each rank's own span of keys and values where it is (decoding merges the ranks' partial
+    results); a window keeps its last window - 1, which on the last rank are the sequence's."""
+    if "k" in cache:
+        raise ValueError("a context-parallel prefill starts from an empty decode cache")
+    if window is None:
+        cache.update(k=k, v=v, context=context)
+    else:
+        keep = min(kv.shape[3], window - 1)
+        _append(cache, kv[0, :, :, kv.shape[3] - keep :], kv[1, :, :, kv.shape[3] - keep :], window)
+
+
+@torch.no_grad()
+def attend_sharded(q: Tensor, k: Tensor, v: Tensor, cache: dict) -> Tensor:
+    """Decoding against a cache whose keys are spread over the context ranks. The new tokens'
+    keys go to a small `tail` held the same on every rank; each rank attends to its own span
+    of the prompt (the last one also to the tail, causally) and the partial results are
+    merged exactly. Nothing of the prompt's cache is copied."""
+    context: ContextParallel = cache["context"]
+    if "k_tail" in cache:
+        k, v = torch.cat([cache["k_tail"], k], dim=2), torch.cat([cache["v_tail"], v], dim=2)
+    cache["k_tail"], cache["v_tail"] = k, v
+    out, lse = attention_with_lse(q, cache["k"], cache["v"], None)
+    if context.last:
+        mask = sliding_window_mask(q.shape[2], k.shape[2], k.shape[2], q.device)
+        tail_out, tail_lse = attention_with_lse(q, k, v, mask)
+        out = merge_partial(torch.stack([out, tail_out]), torch.stack([lse, tail_lse]))
+        lse = torch.stack([lse, tail_lse]).logsumexp(dim=0)
+    stacked = context.all_gather(torch.cat([out, lse], dim=-1))
+    return merge_partial(stacked[..., :-1], stacked[..., -1:]).to(q.dtype)
 
 
 class Attention(nn.Module):
@@ -80,14 +160,34 @@ class Attention(nn.Module):
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def attention(
-        self, q: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor], cache: dict | None
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        rope: tuple[Tensor, Tensor],
+        cache: dict | None,
+        context: ContextParallel | None = None,
     ) -> Tensor:
-        """Rotate, attend; [B, heads, T, head_dim]."""
+        """Rotate, attend; [B, heads, T, head_dim]. With a context, q, k, v are this rank's
+        span and the keys of the other spans are fetched."""
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if context is not None:
+            y, kv = context_attention(q, k, v, self.window, context)
+            if cache is not None:
+                split_prefill_cache(cache, k, v, kv, self.window, context)
+            return y
+        if cache is not None and "context" in cache:
+            return attend_sharded(q, k, v, cache)
         if cache is None:
             return attend(q, k, v, self.window)
         return attend_cached(q, k, v, self.window, cache)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: dict | None = None) -> Tensor:
-        y = self.attention(*self.project(x), rope, cache)
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        cache: dict | None = None,
+        context: ContextParallel | None = None,
+    ) -> Tensor:
+        y = self.attention(*self.project(x), rope, cache, context)
         return self.o_proj(y.transpose(1, 2).flatten(2))

@@ -7,6 +7,8 @@ head (norm, then gate, as FLA's FusedRMSNormGated), then projection.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -14,6 +16,9 @@ from torch import Tensor, nn
 from ltstudy.models.config import ModelConfig
 from ltstudy.models.layers import GatedRMSNorm, ShortConv
 from ltstudy.ops.delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
+
+if TYPE_CHECKING:
+    from ltstudy.parallel.context import ContextParallel
 
 
 class GatedDeltaNet(nn.Module):
@@ -36,23 +41,33 @@ class GatedDeltaNet(nn.Module):
         self.o_norm = GatedRMSNorm(self.head_dim, cfg.norm_eps, norm_before_gate=True)
         self.o_proj = nn.Linear(inner, d, bias=False)
 
-    def forward(self, x: Tensor, rope: object = None, cache: dict | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        rope: object = None,
+        cache: dict | None = None,
+        context: ContextParallel | None = None,
+    ) -> Tensor:
+        """x: this rank's span with a context (convs and state continue the earlier spans; a
+        cache, empty, ends with the span's exit state and conv inputs: a split prefill)."""
         B, T, _ = x.shape
 
         def heads(t: Tensor) -> Tensor:
             return t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
 
-        q = F.normalize(heads(self.q_conv(self.q_proj(x), cache, "q_conv")), dim=-1)
-        k = F.normalize(heads(self.k_conv(self.k_proj(x), cache, "k_conv")), dim=-1)
-        v = heads(self.v_conv(self.v_proj(x), cache, "v_conv"))
+        q = F.normalize(heads(self.q_conv(self.q_proj(x), cache, "q_conv", context)), dim=-1)
+        k = F.normalize(heads(self.k_conv(self.k_proj(x), cache, "k_conv", context)), dim=-1)
+        v = heads(self.v_conv(self.v_proj(x), cache, "v_conv", context))
         beta = torch.sigmoid(self.b_proj(x)).transpose(1, 2)  # [B, H, T]
         g = (-self.A_log.exp() * F.softplus(self.a_proj(x) + self.dt_bias)).transpose(1, 2)
         state = None if cache is None else cache.get("S")
         scale = self.head_dim**-0.5
-        if T == 1 and cache is not None:
+        if T == 1 and cache is not None and context is None:
             o, state = recurrent_gated_delta_rule(q, k, v, g, beta, scale, state)
         else:
-            o, state = chunk_gated_delta_rule(q, k, v, g, beta, scale, state, self.chunk_size)
+            o, state = chunk_gated_delta_rule(
+                q, k, v, g, beta, scale, state, self.chunk_size, context
+            )
         if cache is not None:
             cache["S"] = state
         o = self.o_norm(o.transpose(1, 2), self.g_proj(x).view(B, T, self.n_heads, self.head_dim))

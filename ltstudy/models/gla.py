@@ -7,12 +7,17 @@ The output is RMS-normalised per head and gated by SiLU(g).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ltstudy.models.config import ModelConfig
 from ltstudy.models.layers import GatedRMSNorm
 from ltstudy.ops.gla import chunk_gla, min_log_decay, recurrent_gla
+
+if TYPE_CHECKING:
+    from ltstudy.parallel.context import ContextParallel
 
 
 class GatedLinearAttention(nn.Module):
@@ -31,7 +36,15 @@ class GatedLinearAttention(nn.Module):
         self.o_norm = GatedRMSNorm(self.value_dim, cfg.norm_eps, norm_before_gate=True)
         self.o_proj = nn.Linear(hv, d, bias=False)
 
-    def forward(self, x: Tensor, rope: object = None, cache: dict | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        rope: object = None,
+        cache: dict | None = None,
+        context: ContextParallel | None = None,
+    ) -> Tensor:
+        """x: this rank's span with a context (the state enters from the earlier spans; a
+        cache, empty, ends with the span's exit state: a split prefill)."""
         B, T, _ = x.shape
 
         def heads(t: Tensor) -> Tensor:
@@ -42,10 +55,10 @@ class GatedLinearAttention(nn.Module):
         gk = heads(gk.clamp_min(min_log_decay(self.chunk_size)))  # the chunk form's range
         state = None if cache is None else cache.get("S")
         scale = self.key_dim**-0.5
-        if T == 1 and cache is not None:
+        if T == 1 and cache is not None and context is None:
             o, state = recurrent_gla(q, k, v, gk, scale, state)
         else:
-            o, state = chunk_gla(q, k, v, gk, scale, state, self.chunk_size)
+            o, state = chunk_gla(q, k, v, gk, scale, state, self.chunk_size, context)
         if cache is not None:
             cache["S"] = state
         o = o.transpose(1, 2)  # [B, T, H, V]

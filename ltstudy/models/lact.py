@@ -10,6 +10,13 @@ default is the official one: fast q and k get a learnable per-channel scale and 
 Newton-Schulz (`use_muon`). The branch's output is RMS-normalised per head, scaled by
 silu(ttt_scale_proj x) per head (`learnable_ttt_scale`), and added to the attention output
 before o_proj.
+
+Context parallelism: the update is not affine in the fast weights, so they (and the momentum
+buffer) pass from rank to rank in order (`ContextParallel.relay`): rank r runs its chunks from
+the state rank r - 1 ended with. The window attention's halo exchange is built on the relay's
+output, so in the backward pass it runs before the relay's (see `relay`). A split prefill (a
+context and an empty cache) keeps the span's final fast weights and its partial last chunk,
+as decoding does; the last rank's are the sequence's.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from ltstudy.models.attention import Attention
 from ltstudy.models.config import ModelConfig
 from ltstudy.models.layers import RMSNorm, apply_rotary
 from ltstudy.ops.attention import repeat_kv
-from ltstudy.ops.lact import lact, lact_step, row_norms, swiglu_apply
+from ltstudy.ops.lact import LaCTState, initial_state, lact, lact_step, row_norms, swiglu_apply
+from ltstudy.parallel.context import ContextParallel, after
 
 
 class FastQKNorm(nn.Module):
@@ -80,13 +88,24 @@ class LaCT(Attention):
             momentum = torch.sigmoid(self.momentum_proj(x)).transpose(1, 2)
         return q_t, k_t, v_t, lr.transpose(1, 2), momentum
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: dict | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        cache: dict | None = None,
+        context: ContextParallel | None = None,
+    ) -> Tensor:
         q, k, v = self.project(x)
-        y = self.attention(q, k, v, rope, cache)
         q_t, *per_token = self.fast_inputs(x, q, k, v, rope)
-        if cache is None:
+        if context is not None:
+            fast = self._fast_relayed(q_t, per_token, context, cache)
+            q, k, v = (after(t, fast) for t in (q, k, v))  # the halo's backward runs first
+            y = self.attention(q, k, v, rope, cache, context)
+        elif cache is None:
+            y = self.attention(q, k, v, rope, None)
             fast = self._fast(q_t, *per_token)[0]
         else:
+            y = self.attention(q, k, v, rope, cache)
             fast = self._fast_cached(q_t, per_token, cache)
         fast = self.ttt_norm(fast)
         if self.ttt_scale_proj is not None:
@@ -97,6 +116,32 @@ class LaCT(Attention):
     def _fast(self, q, k, v, lr, momentum, state=None):
         weights = (self.w1, self.w2, self.w3)
         return lact(q, k, v, lr, weights, self.chunk_size, state, momentum, self.use_muon)
+
+    def _fast_relayed(
+        self, q: Tensor, per_token: list, context: ContextParallel, cache: dict | None
+    ) -> Tensor:
+        """This rank's chunks, from the fast weights (and momentum) the previous rank ended
+        with; the first rank starts from the learned weights. A cache (a split prefill) ends
+        as `_fast_cached` leaves it: the state after the span's last complete chunk and the
+        unwritten tail of a partial one."""
+        momentum = per_token[-1] is not None
+        start = initial_state((self.w1, self.w2, self.w3), q.shape[0], momentum)
+        flat = (*start.weights, *(start.velocity or ()))
+
+        def run(state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+            velocity = state[3:] if momentum else None
+            out, final = self._fast(q, *per_token, state=LaCTState(state[:3], velocity))
+            return out, (*final.weights, *(final.velocity or ()))
+
+        out, final = context.relay(flat, run)
+        if cache is not None:
+            cache["W"] = LaCTState(final[:3], final[3:] if momentum else None)
+            tail = q.shape[2] % self.chunk_size
+            if tail:
+                cache["pending"] = [
+                    None if t is None else t[:, :, t.shape[2] - tail :] for t in per_token
+                ]
+        return out
 
     def _fast_cached(self, q: Tensor, per_token: list, cache: dict) -> Tensor:
         """Stream tokens through the chunked branch: the chunk being filled is applied with the

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from ltstudy.parallel.context import ContextParallel
 
 
 class RMSNorm(nn.Module):
@@ -14,7 +19,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+        dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 -> float32, float64 stays
+        return F.rms_norm(x.to(dtype), (x.shape[-1],), self.weight.to(dtype), self.eps).type_as(x)
 
 
 class GatedRMSNorm(RMSNorm):
@@ -79,13 +85,26 @@ class ShortConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(channels, 1, kernel))
         self.bias = nn.Parameter(torch.zeros(channels))
 
-    def forward(self, x: Tensor, cache: dict | None = None, key: str = "conv") -> Tensor:
-        """x: [B, T, channels]. With a cache, continues from (and updates) cache[key]."""
+    def forward(
+        self,
+        x: Tensor,
+        cache: dict | None = None,
+        key: str = "conv",
+        context: ContextParallel | None = None,
+    ) -> Tensor:
+        """x: [B, T, channels]. With a cache, continues from (and updates) cache[key]; with a
+        context, from the previous span's last kernel-1 inputs (the first span from zeros);
+        with both (a split prefill, the cache empty), cache[key] ends as the last kernel-1
+        inputs of halo and span, on the last rank the sequence's."""
+        zeros = self.kernel - 1
+        if context is not None:
+            x = context.with_halo(x, self.kernel - 1, dim=1)
+            zeros = self.kernel - 1 if context.first else 0
         h = x.transpose(1, 2)
         if cache is not None and key in cache:
             history = cache[key]
         else:
-            history = h.new_zeros(h.shape[0], h.shape[1], self.kernel - 1)
+            history = h.new_zeros(h.shape[0], h.shape[1], zeros)
         h = torch.cat([history, h], dim=2)
         if cache is not None:
             cache[key] = h[:, :, h.shape[2] - (self.kernel - 1) :]

@@ -9,6 +9,8 @@ applied before the norm), then out_proj.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -16,6 +18,9 @@ from torch import Tensor, nn
 from ltstudy.models.config import ModelConfig
 from ltstudy.models.layers import GatedRMSNorm, ShortConv
 from ltstudy.ops.gla import chunk_scalar_gla, recurrent_gla
+
+if TYPE_CHECKING:
+    from ltstudy.parallel.context import ContextParallel
 
 
 class Mamba2(nn.Module):
@@ -41,11 +46,21 @@ class Mamba2(nn.Module):
         )
         self.out_proj = nn.Linear(self.d_inner, cfg.d_model, bias=False)
 
-    def forward(self, x: Tensor, rope: object = None, cache: dict | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        rope: object = None,
+        cache: dict | None = None,
+        context: ContextParallel | None = None,
+    ) -> Tensor:
+        """x: this rank's span with a context (conv and state continue the earlier spans; a
+        cache, empty, ends with the span's exit state and conv inputs: a split prefill)."""
         B, T, _ = x.shape
         H, P, N, G = self.n_heads, self.head_dim, self.d_state, self.n_groups
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.d_inner + 2 * G * N, H], dim=-1)
-        xs, b, c = self.conv(xbc, cache).split([self.d_inner, G * N, G * N], dim=-1)
+        xs, b, c = self.conv(xbc, cache, context=context).split(
+            [self.d_inner, G * N, G * N], dim=-1
+        )
         dt = F.softplus(dt + self.dt_bias)  # [B, T, H]
         xs = xs.view(B, T, H, P).transpose(1, 2)  # [B, H, T, P]
 
@@ -56,10 +71,10 @@ class Mamba2(nn.Module):
         v = xs * dt.transpose(1, 2)[..., None]
         g = (-self.A_log.exp() * dt).transpose(1, 2)  # [B, H, T]
         state = None if cache is None else cache.get("S")
-        if T == 1 and cache is not None:
+        if T == 1 and cache is not None and context is None:
             y, state = recurrent_gla(q, k, v, g, 1.0, state)
         else:
-            y, state = chunk_scalar_gla(q, k, v, g, 1.0, state, self.chunk_size)
+            y, state = chunk_scalar_gla(q, k, v, g, 1.0, state, self.chunk_size, context)
         if cache is not None:
             cache["S"] = state
         y = y + self.D[:, None, None] * xs

@@ -23,6 +23,7 @@ from ltstudy.models.layers import RMSNorm, SwiGLU
 from ltstudy.models.rope import Rotary
 from ltstudy.models.ttt import InPlaceTTTMLP
 from ltstudy.models.variants import VARIANTS
+from ltstudy.parallel.context import ContextParallel
 
 
 def mixer_class(variant: str) -> type[nn.Module]:
@@ -48,13 +49,14 @@ class Block(nn.Module):
         rope: tuple[Tensor, Tensor],
         cache: dict | None = None,
         doc_starts: Tensor | None = None,
+        context: ContextParallel | None = None,
     ) -> Tensor:
         mixer_cache = None if cache is None else cache.setdefault("mixer", {})
-        x = x + self.self_attn(self.input_layernorm(x), rope, mixer_cache)
+        x = x + self.self_attn(self.input_layernorm(x), rope, mixer_cache, context=context)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, InPlaceTTTMLP):
             mlp_cache = None if cache is None else cache.setdefault("mlp", {})
-            return x + self.mlp(h, embeddings, mlp_cache, doc_starts)
+            return x + self.mlp(h, embeddings, mlp_cache, doc_starts, context=context)
         return x + self.mlp(h)
 
 
@@ -66,6 +68,17 @@ class Cache:
     layers: list[dict] = field(default_factory=list)
     position: int = 0
     ended_document: Tensor | None = None
+
+
+def share_prefill_cache(cache: Cache, context: ContextParallel, device: torch.device) -> None:
+    """After a split prefill: every layer's decode state as the last rank has it, on every
+    rank, except caches spread over the ranks on purpose (full attention's keys and values,
+    which hold their context)."""
+    for layer in cache.layers:
+        kept = {k: v for k, v in layer.items() if not (isinstance(v, dict) and "context" in v)}
+        for key in kept:
+            del layer[key]
+        layer.update(context.from_last(kept, device))
 
 
 class LanguageModel(nn.Module):
@@ -115,18 +128,40 @@ class LanguageModel(nn.Module):
             cache.ended_document = ends[:, -1]
         return starts
 
-    def hidden_states(self, input_ids: Tensor, cache: Cache | None = None) -> Tensor:
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        cache: Cache | None = None,
+        context: ContextParallel | None = None,
+    ) -> Tensor:
         """Final normalised hidden states [B, T, d_model]. With a cache, input_ids continue the
-        sequence the cache has seen, and the cache is updated."""
+        sequence the cache has seen, and the cache is updated.
+
+        With a context, input_ids are this rank's span of a sequence split over the context
+        group (see `ltstudy.parallel.context`). With a context and an empty cache this is a
+        split prefill: afterwards every rank's cache continues the whole sequence (full
+        attention's keys stay spread over the ranks, every other state is the last rank's),
+        and decoding goes on with the same tokens on every rank, without a context."""
         start = 0 if cache is None else cache.position
+        if context is not None and cache is not None and cache.position:
+            raise ValueError("a context-parallel prefill starts from an empty cache")
+        if context is not None:
+            if self.cfg.ttt is not None and self.cfg.ttt.reset_at_documents:
+                raise NotImplementedError(
+                    "model.ttt.reset_at_documents with context parallelism (parallel.context > 1)"
+                )
+            start += context.offset
         doc_starts = self.document_starts(input_ids, cache)
         embeddings = self.embed_tokens(input_ids)
         rope = self.rotary(start, input_ids.shape[1], input_ids.device)
         x = embeddings
         for index, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[index]
-            x = layer(x, embeddings, rope, layer_cache, doc_starts)
-        if cache is not None:
+            x = layer(x, embeddings, rope, layer_cache, doc_starts, context=context)
+        if cache is not None and context is not None:
+            cache.position = sum(context.spans)
+            share_prefill_cache(cache, context, x.device)
+        elif cache is not None:
             cache.position += input_ids.shape[1]
         return self.norm(x)
 
@@ -134,15 +169,32 @@ class LanguageModel(nn.Module):
         """Logits [B, T, vocab]."""
         return self.lm_head(self.hidden_states(input_ids, cache))
 
-    def token_losses(self, input_ids: Tensor, labels: Tensor, chunk: int | None = None) -> Tensor:
-        """Per-token cross-entropy [B, T] (0 where labels == -100).
+    def logits_at(
+        self, input_ids: Tensor, positions: int | list[int] | Tensor, cache: Cache | None = None
+    ) -> Tensor:
+        """Logits [B, len(positions), vocab] at the given positions of input_ids only (negative
+        counts from the end), as `forward` otherwise: a prefill that decodes from its last
+        token never holds the [T, vocab] logits of the whole prompt."""
+        hidden = self.hidden_states(input_ids, cache)
+        index = torch.as_tensor(positions, device=hidden.device).reshape(-1)
+        return self.lm_head(hidden[:, index])
+
+    def token_losses(
+        self,
+        input_ids: Tensor,
+        labels: Tensor,
+        chunk: int | None = None,
+        context: ContextParallel | None = None,
+    ) -> Tensor:
+        """Per-token cross-entropy [B, T] (0 where labels == -100); with a context, of this
+        rank's span.
 
         The LM head and softmax run in chunks of tokens, recomputed in the backward pass, so
         the [T, vocab] logits of a long sequence never exist all at once; by default a chunk
         holds about 2^26 logits whatever the vocabulary (2,048 tokens at 32K, 256 at 152K).
         """
         chunk = chunk or loss_chunk(self.cfg.vocab_size)
-        hidden = self.hidden_states(input_ids)
+        hidden = self.hidden_states(input_ids, context=context)
         pieces = []
         for start in range(0, hidden.shape[1], chunk):
             h, y = hidden[:, start : start + chunk], labels[:, start : start + chunk]

@@ -14,6 +14,15 @@ alike: each document is run as its own sequence, chunks aligned to its start.
 
 Clipping (`clip_tau`) is the paper's inference-time rule: with `clip_at: inference` it is off
 while the outer loop trains (module in train mode with autograd on) and on otherwise.
+
+Context parallelism: a chunk's write does not read the fast weight, so each rank runs its span
+from a zero state and adds what the earlier spans wrote (the exclusive prefix sum of their
+final states, one all-gather of [B, D, F]); the fast output is linear in that state. The
+causal target conv reads the previous span's last kernel - 1 source tokens (a halo); the
+chunk-local one needs nothing, spans being whole chunks. A split prefill (a context and an
+empty cache) leaves in the cache what decoding needs: the sum of every write so far, the
+source tokens before the pending chunk (a halo when the span holds none) and that chunk's
+inputs; the last rank's cache is the sequence's.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from torch import Tensor, nn
 from ltstudy.models.config import TTTConfig
 from ltstudy.models.layers import SwiGLU
 from ltstudy.ops.ttt import inplace_ttt
+from ltstudy.parallel.context import ContextParallel
 
 
 class TargetConv(nn.Module):
@@ -70,6 +80,12 @@ class InPlaceTTTMLP(SwiGLU):
         v = source if self.ttt_conv is None else self.ttt_conv(source, history)
         return v if self.ttt_proj is None else self.ttt_proj(v)
 
+    @property
+    def history_length(self) -> int:
+        """Source tokens a decode cache keeps from before the pending chunk (the causal
+        conv's reach)."""
+        return max(self.ttt.conv_kernel - 1, 1)
+
     def clipping(self) -> bool:
         """Whether updates are clipped now: always, or (`clip_at: inference`) unless the outer
         loop is training, i.e. unless the module is in train mode with autograd on."""
@@ -98,12 +114,19 @@ class InPlaceTTTMLP(SwiGLU):
         embeddings: Tensor | None = None,
         cache: dict | None = None,
         doc_starts: Tensor | None = None,
+        context: ContextParallel | None = None,
     ) -> Tensor:
         """`doc_starts` [B, T] (bool) marks where documents begin; with `reset_at_documents`
         the fast weights restart there (with a cache, the next call continues the last one's
-        document unless its first token is marked)."""
+        document unless its first token is marked). With a `context`, x is this rank's span."""
         source = x if self.ttt.target == "mlp_input" else embeddings
         z = self.activations(x)
+        if context is not None:
+            if doc_starts is not None and self.ttt.reset_at_documents:
+                raise NotImplementedError(
+                    "model.ttt.reset_at_documents with context parallelism (parallel.context > 1)"
+                )
+            return self._forward_span(z, source, context, cache)
         if doc_starts is None or not self.ttt.reset_at_documents:
             if cache is not None:
                 return self._forward_cached(z, source, cache)
@@ -124,6 +147,46 @@ class InPlaceTTTMLP(SwiGLU):
                 pieces.append(self._forward_cached(zb, sb, rows[b]))
             outputs.append(torch.cat(pieces, dim=1))
         return torch.cat(outputs, dim=0)
+
+    def _forward_span(
+        self, z: Tensor, source: Tensor, context: ContextParallel, cache: dict | None = None
+    ) -> Tensor:
+        """This rank's span: its own writes from zero, plus the earlier spans' writes. A cache
+        (a split prefill) ends as `_forward_cached` leaves it after the whole sequence."""
+        conv = self.ttt_conv
+        n = conv.kernel - 1 if conv is not None and conv.padding == "causal" else 0
+        if cache is not None:
+            n = self.history_length
+        history = None
+        if n > 0:
+            source = context.with_halo(source, n, dim=1)
+            if not context.first:
+                history, source = source[:, :n], source[:, n:]
+        out, written = self._run_chunks(z, source, history=history)
+        entry = context.prefix_state(
+            [written], fold=lambda s, p: s + p[0], initial=torch.zeros_like(written)
+        )
+        if cache is not None:
+            self._fill_prefill_cache(cache, z, source, history, entry + written)
+        return out + torch.einsum("btf,bdf->btd", z, entry.to(z.dtype))
+
+    def _fill_prefill_cache(
+        self, cache: dict, z: Tensor, source: Tensor, history: Tensor | None, state: Tensor
+    ) -> None:
+        """What `_forward_cached` holds after the sequence up to this span's end: the sum of
+        the writes, the source tokens before the pending chunk, and that chunk's inputs."""
+        tail = z.shape[1] % self.ttt.chunk_size
+        complete = z.shape[1] - tail
+        cache["S"] = state
+        before = (
+            source[:, :complete]
+            if history is None
+            else torch.cat([history, source[:, :complete]], 1)
+        )
+        if before.shape[1]:
+            cache["history"] = before[:, -self.history_length :]
+        if tail:
+            cache["z"], cache["source"] = z[:, complete:], source[:, complete:]
 
     def _forward_cached(self, z: Tensor, source: Tensor, cache: dict) -> Tensor:
         C = self.ttt.chunk_size
@@ -152,7 +215,7 @@ class InPlaceTTTMLP(SwiGLU):
             tail = z.shape[1] % C
             complete = z.shape[1] - tail
             if complete:
-                cache["history"] = source[:, :complete][:, -max(self.ttt.conv_kernel - 1, 1) :]
+                cache["history"] = source[:, :complete][:, -self.history_length :]
             if tail:
                 cache["z"], cache["source"] = z[:, complete:], source[:, complete:]
         return torch.cat(outputs, dim=1)

@@ -9,13 +9,22 @@ Inputs are [batch, heads, time, dim]; the state is [batch, heads, K, V]. Each op
 (output, final_state). The chunkwise forms compute within-chunk interactions in parallel and pass
 the state between chunks; `recurrent_*` are the token-by-token references (and the decode step).
 Decay factors only ever appear as exp(<= 0), so no form overflows.
+
+Every token step is affine in the state, so a whole span maps its entry state S to
+transition·S + bias (`*_span_summary`, `decay_fold`): with a `ContextParallel` the chunk forms
+start from the state folded from the earlier spans' summaries (LASP-2, fla's `ops/cp`).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from ltstudy.parallel.context import ContextParallel
 
 
 def _pad_time(x: Tensor, multiple: int) -> Tensor:
@@ -73,6 +82,40 @@ def _scan_chunks(
     return torch.stack(outputs, dim=2), state
 
 
+def _span_summary(k: Tensor, v: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(transition, bias) of a span from its chunked keys and values [B,H,N,C,·] and the
+    within-chunk cumulative log decays b ([B,H,N,C,K] per key, [B,H,N,C] per head): each write
+    decays to the span's end, chunk by chunk (a cumsum over the whole span would lose the
+    small differences of large sums)."""
+    last = b[:, :, :, -1:]  # each chunk's log decay
+    later = torch.cat(
+        [last[:, :, 1:].flip(2).cumsum(2).flip(2), torch.zeros_like(last[:, :, :1])], 2
+    )
+    to_end = last - b + later  # from each position to the span's end
+    if b.dim() < k.dim():
+        to_end = to_end[..., None]
+    bias = (k * to_end.exp()).flatten(2, 3).transpose(-1, -2) @ v.flatten(2, 3)
+    return last.sum(2).squeeze(2).exp(), bias
+
+
+def decay_fold(state: Tensor, summary: tuple[Tensor, ...]) -> Tensor:
+    """A span's map on the state entering it: the span's decay (per key [B,H,K] or per head
+    [B,H]), then its writes."""
+    transition, bias = summary
+    transition = transition.reshape(*transition.shape, *[1] * (state.dim() - transition.dim()))
+    return transition * state + bias
+
+
+def gla_span_summary(
+    k: Tensor, v: Tensor, g: Tensor, chunk_size: int = 16
+) -> tuple[Tensor, Tensor]:
+    """(transition, bias [B,H,K,V]) of a span: it maps its entry state S to
+    `decay_fold(S, (transition, bias))`, bias being the final state from a zero entry state.
+    g is [B,H,T,K] (GLA: transition [B,H,K]) or [B,H,T] (SSD: transition [B,H])."""
+    k, v, g = (_chunks(x, chunk_size) for x in (k, v, g))
+    return _span_summary(k, v, g.cumsum(dim=3))
+
+
 def chunk_gla(
     q: Tensor,
     k: Tensor,
@@ -81,6 +124,7 @@ def chunk_gla(
     scale: float,
     state: Tensor | None = None,
     chunk_size: int = 16,
+    context: ContextParallel | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Chunkwise GLA with a gate per key dimension (g: [B, H, T, K]).
 
@@ -90,12 +134,16 @@ def chunk_gla(
     memory O(T·K) per head rather than a [C, C, K] decay tensor per chunk. With r the chunk's
     middle each factor is at most the decay over half a chunk: exact while that stays above
     exp(-80) (float32's range), which `min_log_decay` guarantees for the model's gates.
+
+    With a context this is one span of a split sequence; `state` enters the whole sequence.
     """
     T, C = q.shape[2], chunk_size
     S0 = _initial_state(q, v, state)
     q, k, v, g = (_chunks(x, C) for x in (q, k, v, g))
     q = q * scale
     b = g.cumsum(dim=3)  # log decay from the chunk start to t (inclusive)
+    if context is not None:
+        S0 = context.prefix_state(_span_summary(k, v, b), decay_fold, S0)
     middle = b[:, :, :, C // 2, None]
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     scores = (q * (b - middle).exp()) @ (k * (middle - b).exp()).transpose(-1, -2)
@@ -121,14 +169,18 @@ def chunk_scalar_gla(
     scale: float,
     state: Tensor | None = None,
     chunk_size: int = 64,
+    context: ContextParallel | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Chunkwise form with one gate per head (g: [B, H, T]), as in Mamba2's SSD."""
+    """Chunkwise form with one gate per head (g: [B, H, T]), as in Mamba2's SSD; a context
+    as in `chunk_gla`."""
     B, H, T, K = q.shape
     C = chunk_size
     S0 = _initial_state(q, v, state)
     q, k, v, g = (_chunks(x, C) for x in (q, k, v, g))
     q = q * scale
     b = g.cumsum(dim=3)  # [B, H, N, C]
+    if context is not None:
+        S0 = context.prefix_state(_span_summary(k, v, b), decay_fold, S0)
     intra = ((q @ k.transpose(-1, -2)) * _pairwise_decay(b)) @ v
     chunk_decay = b[:, :, :, -1, None].exp().expand(B, H, b.shape[2], K)
     inter, S = _scan_chunks(

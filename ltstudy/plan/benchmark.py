@@ -4,7 +4,9 @@ Each point (variant, size, context, mode) runs in a fresh process so that one po
 does not hide another's: on the CPU the peak resident set of that process, on CUDA
 torch.cuda.max_memory_allocated. `train` is one optimizer step of the training code (FSDP2 on
 a one-rank group on a GPU, activation checkpointing as asked); `prefill` is evaluation's
-forward pass without gradients (per-token losses, the plain model). The table goes to
+forward pass without gradients (per-token losses, the plain model). A train point with
+`context_parallel` K runs on K processes (gloo on the CPU) that split its sequence, and records
+the busiest rank's peak. The table goes to
 results/benchmarks/memory-<device>.{parquet,md}. Only torch, numpy and pyarrow are needed, so
 it runs on a GPU machine without the workflow's other packages.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -26,6 +29,7 @@ COLUMNS = {
     "context": "int64",
     "mode": "string",
     "activation_checkpointing": "string",
+    "context_parallel": "int64",
     "device": "string",
     "status": "string",
     "measured_gb": "float64",
@@ -52,9 +56,11 @@ def measure_point(point: Mapping[str, Any]) -> dict[str, Any]:
     from ltstudy.device import autocast, synchronize
     from ltstudy.models.presets import resolve_model
     from ltstudy.models.transformer import build_model, seeded_values
-    from ltstudy.parallel import Layout, parallelize
+    from ltstudy.parallel.context import context_group
     from ltstudy.parallel.distributed import joined_world
     from ltstudy.parallel.materialize import materialize
+    from ltstudy.parallel.parallelize import Layout, parallelize
+    from ltstudy.parallel.spans import span_multiple
     from ltstudy.train import Share, clip_gradients, forward_backward, make_optimizer
 
     baseline = _rss_bytes()
@@ -91,7 +97,9 @@ def measure_point(point: Mapping[str, Any]) -> dict[str, Any]:
             }
             optimizer = make_optimizer(model, spec["train"])
             flags = torch.zeros_like(ids, dtype=torch.bool)
-            share = Share(slice(0, 1), 1, world.size)
+            degree = point.get("context_parallel", 1)
+            group = context_group(device.type, world.size, degree) if degree > 1 else None
+            share = Share(slice(0, 1), 1, world.size, group, span_multiple(model_cfg))
             counts = (float(point["context"]), 0.0)
 
             def run() -> None:
@@ -121,7 +129,7 @@ def estimate_point(point: Mapping[str, Any], device: str) -> float:
     """The planner's estimate of what the measurement sees (bytes)."""
     from ltstudy.config import default_settings
     from ltstudy.models.presets import resolve_model
-    from ltstudy.plan.memory import Shape, prefill_memory, training_memory
+    from ltstudy.plan.memory import Shape, longest_span, prefill_memory, training_memory
 
     model_cfg = resolve_model(
         point["variant"], point["size"], default_settings()["model"], context=point["context"]
@@ -130,32 +138,53 @@ def estimate_point(point: Mapping[str, Any], device: str) -> float:
     if point["mode"] == "prefill":
         estimate = prefill_memory(model_cfg, device, dtype, point["context"])
     else:
-        shape = Shape(device, dtype, 1, 1, point["context"], 1)
+        degree = point.get("context_parallel") or 1
+        span = longest_span(point["context"], degree, model_cfg)
+        shard = degree if degree > 1 or device == "cuda" else 1
+        shape = Shape(device, dtype, degree, shard, span, 1, degree, point["context"])
         estimate = training_memory(model_cfg, shape, point["activation_checkpointing"])
     return estimate.tensors if device == "cuda" else estimate.total
 
 
 def run_fresh(
-    module: str, payload: Mapping[str, Any], timeout_s: float | None = None
+    module: str, payload: Mapping[str, Any], timeout_s: float | None = None, ranks: int = 1
 ) -> tuple[str, dict[str, Any] | None]:
-    """Run `python -m <module> '<payload as JSON>'` in a fresh process, so that its peak memory
-    is its own: ("ok", the last JSON line it printed), or ("oom" | "failed: <last error line>" |
-    "timeout", None)."""
+    """Run `python -m <module> '<payload as JSON>'` in a fresh process (`ranks` processes that
+    form one process group, as torchrun starts them), so that its peak memory is its own:
+    ("ok", the last JSON line it printed; of several ranks, the one with the highest peak), or
+    ("oom" | "failed: <last error line>" | "timeout", None)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    envs = [env]
+    if ranks > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+        group = {"WORLD_SIZE": str(ranks), "LOCAL_WORLD_SIZE": str(ranks)}
+        group.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        envs = [{**env, **group, "RANK": str(r), "LOCAL_RANK": str(r)} for r in range(ranks)]
+    command = [sys.executable, "-m", module, json.dumps(payload)]
+    procs = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
+        for e in envs
+    ]
+    outputs = []
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", module, json.dumps(payload)],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+        for proc in procs:
+            outputs.append((proc, *proc.communicate(timeout=timeout_s)))
     except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
         return "timeout", None
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-        return ("oom" if "out of memory" in reason.lower() else f"failed: {reason}"), None
-    return "ok", json.loads(lines[-1])
+    results = []
+    for proc, stdout, stderr in outputs:
+        lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            reason = (stderr.strip().splitlines() or ["failed"])[-1]
+            return ("oom" if "out of memory" in reason.lower() else f"failed: {reason}"), None
+        results.append(json.loads(lines[-1]))
+    if len(results) == 1:
+        return "ok", results[0]
+    return "ok", max(results, key=lambda r: r["measured_bytes"])
 
 
 def run_points(
@@ -167,11 +196,12 @@ def run_points(
     comes and hand the rows so far to `on_row` (so an interrupted run keeps its table)."""
     rows: list[dict[str, Any]] = []
     for point in points:
+        degree = point.get("context_parallel", 1)
         label = (
             f"{point['variant']:<9} {point['size']:<5} {point['context']:>8} {point['mode']:<8} "
-            f"{point['activation_checkpointing']:<9}"
+            f"{point['activation_checkpointing']:<9} {degree:>2}"
         )
-        status, result = run_fresh("ltstudy.plan.benchmark", point, timeout_s)
+        status, result = run_fresh("ltstudy.plan.benchmark", point, timeout_s, degree)
         device = "cuda" if result and result["device"] != "cpu" else "cpu"
         if result is None:
             import torch
@@ -182,6 +212,7 @@ def run_points(
         row = {
             **{k: point[k] for k in ("variant", "size", "context", "mode")},
             "activation_checkpointing": point["activation_checkpointing"],
+            "context_parallel": degree,
             "device": result["device"] if result else device,
             "status": status,
             "measured_gb": measured / 1e9 if measured else None,
@@ -207,6 +238,7 @@ def reestimate(path: Path) -> list[dict[str, Any]]:
 
     rows = pq.read_table(path).to_pylist()
     for row in rows:
+        row["context_parallel"] = row.get("context_parallel") or 1
         device = "cpu" if row["device"] == "cpu" else "cuda"
         row["estimated_gb"] = estimate_point(row, device) / 1e9
         measured = row["measured_gb"]
@@ -214,8 +246,29 @@ def reestimate(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+POINT_KEY = ("variant", "size", "context", "mode", "activation_checkpointing", "context_parallel")
+
+
+def earlier_rows(path: Path, points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of an existing table that the new points do not measure again (so adding
+    points to a table keeps the others)."""
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        return []
+    again = {
+        tuple(p.get(k) or 1 if k == "context_parallel" else p[k] for k in POINT_KEY) for p in points
+    }
+    rows = []
+    for row in pq.read_table(path).to_pylist():
+        row["context_parallel"] = row.get("context_parallel") or 1
+        if tuple(row[k] for k in POINT_KEY) not in again:
+            rows.append(row)
+    return rows
+
+
 HEADER = (
-    f"{'variant':<9} {'size':<5} {'context':>8} {'mode':<8} {'ckpt':<9} {'measured':>8} "
+    f"{'variant':<9} {'size':<5} {'context':>8} {'mode':<8} {'ckpt':<9} {'cp':>2} {'measured':>8} "
     f"{'estimated':>9} {'est/me':>6} {'tokens/s':>10}"
 )
 
@@ -245,7 +298,8 @@ def write_table(rows: Sequence[Mapping[str, Any]], out: Path, title: str) -> Non
         speed = f"{r['tokens_per_s']:>10,.0f}" if r["tokens_per_s"] else f"{'-':>10}"
         lines.append(
             f"{r['variant']:<9} {r['size']:<5} {r['context']:>8} {r['mode']:<8} "
-            f"{r['activation_checkpointing']:<9} {measured} {r['estimated_gb']:9.3f} {ratio} "
+            f"{r['activation_checkpointing']:<9} {r['context_parallel'] or 1:>2} {measured} "
+            f"{r['estimated_gb']:9.3f} {ratio} "
             f"{speed}"
         )
     lines.append("```")

@@ -10,6 +10,9 @@ without a mask: with one it takes the math path too); the census stands in an op
 allocates what the kernels of the target device do. RMSNorm likewise: CUDA runs one fused
 kernel where meta (and the CPU) decompose it into full-width steps.
 
+The same run, without gradients and with a decode cache, counts what a block's cache holds
+after a prefill (its keys and values, states and conv tails).
+
 Each count is per piece and per token count; the planner fits a line through two token counts
 beyond every chunk and window, where memory grows linearly, and scales it to the run's tokens.
 The planner reads the counts through counts.py, which imports this module (and torch) only
@@ -31,7 +34,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 # kept in counts.py (torch-free); here for the callers that count
-from ltstudy.plan.counts import PieceMemory, block_memory, outer_memory  # noqa: F401
+from ltstudy.plan.counts import (  # noqa: F401
+    CacheMemory,
+    PieceMemory,
+    block_memory,
+    cache_memory,
+    outer_memory,
+)
 
 
 class LiveBytes(TorchDispatchMode):
@@ -187,6 +196,26 @@ def _block_memory(model_json: str, device: str, dtype: str, layer: int, tokens: 
         return block(x, embeddings, rope)
 
     return _measure(block, device, run, lambda out: out.backward(torch.empty_like(out)))
+
+
+def _cache_memory(model_json: str, dtype: str, layer: int, tokens: int) -> CacheMemory:
+    model = _model(model_json, dtype)
+    act = torch.bfloat16 if dtype == "bf16" else torch.float32
+    x = torch.empty(1, tokens, model.cfg.d_model, device="meta", dtype=act)
+    cache: dict = {}
+    with torch.no_grad():
+        model.layers[layer](x, x, model.rotary(0, tokens, torch.device("meta")), cache)
+    keys_values, states, storages = 0, 0, {}
+    for part in cache.values():  # the mixer's and the MLP's
+        for name, value in part.items():
+            for t in tree_leaves(value):
+                if isinstance(t, torch.Tensor):
+                    if name in ("k", "v"):
+                        keys_values += t.numel() * t.element_size()
+                    else:
+                        states += t.numel() * t.element_size()
+                    storages[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+    return CacheMemory(keys_values, states, sum(storages.values()))
 
 
 def _outer_memory(model_json: str, device: str, dtype: str, tokens: int) -> PieceMemory:

@@ -126,6 +126,32 @@ def outer_memory(model_json: str, device: str, dtype: str, tokens: int) -> Piece
     return PieceMemory(*CACHE.get(cache_key("outer", model_json, device, dtype, tokens), count))
 
 
+@dataclass(frozen=True)
+class CacheMemory:
+    """Bytes one layer's decode cache holds after a prefill (batch of one sequence).
+
+    keys_values: its attention keys and values (the tensors' own sizes)
+    states:      everything else it holds: recurrent states, fast weights, conv tails
+    retained:    the storages all its tensors keep alive (buffers reserved ahead included)
+    """
+
+    keys_values: int
+    states: int
+    retained: int
+
+
+def cache_memory(model_json: str, dtype: str, layer: int, tokens: int) -> CacheMemory:
+    """One block's decode cache after a prefill of `tokens` tokens (one sequence); the same on
+    every device."""
+
+    def count() -> list[int]:
+        from ltstudy.plan.census import _cache_memory
+
+        return list(vars(_cache_memory(model_json, dtype, layer, tokens)).values())
+
+    return CacheMemory(*CACHE.get(cache_key("cache", model_json, dtype, layer, tokens), count))
+
+
 def block_kinds(model_cfg: Mapping[str, Any]) -> dict[tuple, list[int]]:
     """census.block_kinds (layers grouped by what they allocate), from the cache."""
 

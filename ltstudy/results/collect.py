@@ -66,6 +66,7 @@ def run_status(spec: Mapping[str, Any]) -> dict[str, Any]:
         "gpu_hours": sum(st.get("wall_s", 0.0) * st.get("gpus", 0) for st in recorded) / 3600,
         "attempts": sum(st.get("attempts", 0) for st in recorded),
         "world_size": (stages.get("train") or {}).get("world_size"),
+        "context_parallel": (stages.get("train") or {}).get("context_parallel"),
     }
     failed = {s: st for s, st in stages.items() if st and st["status"] == "failed"}
     if failed:

@@ -127,6 +127,7 @@ TABLES: dict[str, pl.Schema] = {
         "train_steps": pl.Int64,
         "train_tokens": pl.Int64,
         "world_size": pl.Int64,
+        "context_parallel": pl.Int64,
         "final_loss": pl.Float64,
         "wall_s": pl.Float64,
         "gpu_hours": pl.Float64,
