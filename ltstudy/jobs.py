@@ -5,23 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-# Evaluations whose every rank shares the work (each sequence split over the job's ranks);
-# the others run on the first rank of a job with several.
+# Stages whose every rank shares the work (training; evaluations that split each sequence over
+# the job's ranks); in a job with several ranks the others run on the first (StageJob).
 SPLIT = {"train", "perplexity", "passkey", "ruler"}
 
 
-def _rank() -> int:
-    try:
-        import submitit
-
-        return submitit.JobEnvironment().global_rank
-    except RuntimeError:  # not in a submitit job
-        return 0
-
-
 def run_stage(stage: str, payload: Mapping[str, Any], outputs: Mapping[str, str]) -> Any:
-    if stage not in SPLIT and _rank() != 0:
-        return None
     if stage == "data":
         from ltstudy.data.dataset import build_dataset
 

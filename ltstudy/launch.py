@@ -54,10 +54,12 @@ class StageJob(submitit.helpers.Checkpointable):
         self.work_dir = None if work_dir is None else str(work_dir)
 
     def __call__(self, payload: Mapping[str, Any], outputs: Mapping[str, str]) -> Any:
-        from ltstudy.jobs import run_stage
+        from ltstudy.jobs import SPLIT, run_stage
 
         requeue_on_preemption()
         job_id, rank = _job_identity()
+        if rank != 0 and self.stage not in SPLIT:  # a one-process stage: the first rank's
+            return None
         if rank != 0 or self.work_dir is None:
             return run_stage(self.stage, payload, outputs)
         with recorded_attempt(self.work_dir, self.stage, job_id):
