@@ -1,14 +1,21 @@
 # ltstudy: `make demo` runs the CPU demo study, `make test` the test suite.
-# Both create .venv with pinned dependencies first. GPU users: install the torch build for
-# your CUDA, e.g. `make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
+# Both create .venv with pinned dependencies first. On Linux torch is the CPU build, from
+# PyTorch's CPU index (PyPI's Linux wheel carries CUDA: gigabytes a laptop does not need); a
+# local wheel of that build (pip's find-links) is used where there is one. GPU users: install
+# the build for your CUDA, e.g.
+#   make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 PYTHON ?= python3
 VENV ?= .venv
+ifeq ($(shell uname -s),Linux)
+TORCH_SPEC ?= torch==2.13.0+cpu --extra-index-url https://download.pytorch.org/whl/cpu --retries 2
+else
 TORCH_SPEC ?= torch==2.13.0
+endif
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ltstudy-installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup demo test test-all lint format clean-results lock
+.PHONY: setup demo test test-slow test-all lint format clean-results lock
 
 setup: $(STAMP)
 
@@ -27,6 +34,9 @@ demo: setup
 
 test: setup
 	$(BIN)/pytest -m "not slow"
+
+test-slow: setup
+	$(BIN)/pytest -m slow
 
 test-all: setup
 	$(BIN)/pytest

@@ -6,12 +6,23 @@ min_version("9.0")
 # A Snakemake killed with SIGKILL leaves its lock behind. Each run records itself while it holds
 # the lock, so that `ltstudy unlock` (which `make demo` runs first) clears a lock only once its
 # holder is dead; lock errors name the holder, and a dry run of a locked directory fails.
+# A real run (onstart: not a dry run) with `launcher: slurm` first checks, once, that Slurm is
+# there and each job has the partition and account the cluster needs; it then records its
+# config file, which `ltstudy` commands read when not given one.
 if workflow.exec_mode.name == "DEFAULT":  # not in the job processes Snakemake spawns
+    from ltstudy.configfile import record_last_config
     from ltstudy.lock import explain_locks, forget_owner, record_owner
+    from ltstudy.slurm_check import SlurmCheckError, check_slurm
 
     explain_locks()
 
     onstart:
+        if CONFIG["launcher"] == "slurm":
+            try:
+                check_slurm(slurm_jobs_to_submit())
+            except SlurmCheckError as err:
+                raise WorkflowError(str(err)) from None
+        record_last_config(workflow.configfiles)
         record_owner()
 
     onsuccess:

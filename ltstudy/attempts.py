@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import socket
 import threading
 import time
@@ -98,5 +99,15 @@ def recorded_attempt(work_dir: str | Path, stage: str, job_id: str) -> Iterator[
     finally:
         stop.set()
         thread.join()
-        mine.update(ended=time.time(), outcome=outcome)
+        mine.update(ended=time.time(), outcome=outcome, cpu_s=_cpu_seconds())
         save()
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and the children it waited for (the measure of where a CPU
+    study's time goes: wall time also counts the waits for cores other jobs hold)."""
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime

@@ -1,8 +1,13 @@
 """Command line: `ltstudy <command>` (or `python -m ltstudy <command>`).
 
+CONFIG (or --configfile PATH) is the study config; without it, the one the last Snakemake run
+in this directory used (.snakemake/ltstudy-last-config), else config/config.yaml.
+
 validate [CONFIG]         check a config and print its studies and run counts
 runs [CONFIG]             list run ids, one per line (with --targets: their output files)
-status [CONFIG]           the state of every run: done, running, failed (with reason), pending
+status [CONFIG]           the state of every run: done, running (stage, progress, ETA,
+                          loss), failed (reason, log), pending; --watch [S]: redraw
+                          every S seconds (10) until none runs
 sizes [--context N]       parameters (meta device), FLOPs per token and weight memory of
                           every variant at every size
 stage STAGE RUN [CONFIG]  run one stage of one run in this process, without submitit
@@ -11,7 +16,9 @@ collect [CONFIG]          gather the per-run results that exist (failed runs inc
                           in flight or after `--keep-going` (Snakemake owns results/*.parquet)
 unlock [--directory D]    clear the lock a killed Snakemake left behind, once no Snakemake
                           works in the directory (`make demo` runs it first)
-report [--results R] [--reports P]   rebuild the HTML report from results tables
+report [--results R] [--reports P] [--baseline RUN]   rebuild the HTML report (index, a page
+                          per study, run and run's samples, compare.html) from results tables;
+                          --export svg|png [--out DIR]: every chart as a file (reports/export)
 throughput [--variants ...] [--sizes ...] [--contexts ...]   benchmark on random weights:
                           print a table, write results/benchmarks/throughput-<device>.{parquet,md}
 plan [CONFIG]             every training run's layout (nodes x GPUs, data x context degree,
@@ -26,12 +33,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
 from ltstudy.config import ConfigError, default_settings, load_study
-
-DEFAULT_CONFIG = "config/config.yaml"
+from ltstudy.configfile import DEFAULT_CONFIG, resolve_config
 
 
 def _runs(path: str) -> dict[str, dict]:
@@ -60,21 +67,56 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def status_table(runs: dict[str, dict], show_pending: bool = False) -> tuple[str, Counter[str]]:
+    """The `status` table (one row per run; a failed run's reason and log below it) and the
+    count of runs per state. Columns that no row fills are left out."""
+    from ltstudy.progress import format_count, format_duration, remaining
     from ltstudy.results.collect import run_status
 
-    runs = _runs(args.config)
-    counts: Counter[str] = Counter()
+    header = ["run", "status", "stage", "progress", "eta", "loss"]
+    rows, notes, counts = [], {}, Counter()
     for run_id, spec in runs.items():
         state = run_status(spec)
         counts[state["status"]] += 1
-        if args.all or state["status"] != "pending":
-            line = f"{state['status']:<8} {run_id}"
-            if state.get("error"):
-                line += f"\n         {state['error']}"
-            print(line)
-    print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
-    return 0
+        if state["status"] == "pending" and not show_pending:
+            continue
+        progress = state.get("progress")
+        row = [run_id, state["status"], state.get("stage") or "", "", "", ""]
+        if progress:
+            left = remaining(progress)
+            row[3] = format_count(progress)
+            row[4] = "" if left is None else format_duration(left)
+            row[5] = "" if progress.get("loss") is None else f"{progress['loss']:.4f}"
+        if state["status"] == "failed":
+            notes[len(rows)] = [f"  reason: {state['reason']}", f"  log:    {state['log']}"]
+        rows.append(row)
+    keep = [i for i in range(len(header)) if i < 2 or any(row[i] for row in rows)]
+    widths = {i: max(len(r[i]) for r in [header, *rows]) for i in keep}
+    lines = []
+    for n, row in enumerate([header, *rows] if rows else []):
+        cells = [row[i].rjust(widths[i]) if i > 3 else row[i].ljust(widths[i]) for i in keep]
+        lines.append("  ".join(cells).rstrip())  # eta and loss: right-aligned
+        lines += notes.get(n - 1, [])
+    lines.append(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    return "\n".join(lines), counts
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    runs = _runs(args.config)
+    if args.watch is None:
+        print(status_table(runs, args.all)[0])
+        return 0
+    clear = "\033[H\033[2J" if sys.stdout.isatty() else "\n"  # redraw a terminal, else reprint
+    try:
+        while True:
+            table, counts = status_table(runs, args.all)
+            print(f"{clear}{time.strftime('%H:%M:%S')}  every {args.watch:g}s, Ctrl-C stops")
+            print(table, flush=True)
+            if not counts["running"]:
+                return 0
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
 
 
 def cmd_sizes(args: argparse.Namespace) -> int:
@@ -148,13 +190,14 @@ def cmd_throughput(args: argparse.Namespace) -> int:
     frame = benchmark(specs, args.peak_tflops)
     header = (
         f"{'variant':<10} {'size':<6} {'context':>8} {'mode':<8} {'tokens/s':>12} "
-        f"{'memory MB':>10} {'MFU %':>7} {'peak TFLOP/s':>12} {'peak from':<9}"
+        f"{'spread %':>8} {'memory MB':>10} {'MFU %':>7} {'peak TFLOP/s':>12} {'peak from':<9}"
     )
     lines = [
         f"# throughput on {device_name(device)} ({dtype}, batch {args.batch_size})",
         "",
         "MFU: FLOPs per token by the PaLM/torchtitan count (train 6·N + 12·L·H·Q·T) over the "
-        "peak, from the GPU's datasheet (dense bf16), measured (a matmul) or given.",
+        "peak, from the GPU's datasheet (dense bf16), measured (a matmul) or given. Spread: "
+        "(fastest - slowest repeat) / median.",
         "",
         "```",
         header,
@@ -162,6 +205,11 @@ def cmd_throughput(args: argparse.Namespace) -> int:
     for row in frame.iter_rows(named=True):
         ok = row["status"] == "ok"
         speed = f"{row['tokens_per_s']:>12,.0f}" if ok else f"{'OOM':>12}"
+        if ok:
+            spread = (row["tokens_per_s_max"] - row["tokens_per_s_min"]) / row["tokens_per_s"]
+            speed += f" {100 * spread:>8.1f}"
+        else:
+            speed += f" {'-':>8}"
         memory = f"{row['peak_memory_mb']:>10,.0f}" if ok else f"{'-':>10}"
         mfu = f"{100 * row['mfu']:>7.2f}" if ok else f"{'-':>7}"
         lines.append(
@@ -172,11 +220,15 @@ def cmd_throughput(args: argparse.Namespace) -> int:
     lines.append("```")
     print("\n".join(lines[5:-1]))
     slug = "".join(c if c.isalnum() else "-" for c in device_name(device).lower()).strip("-")
-    out = Path(args.out) / f"throughput-{slug}"
+    committed = Path(args.out) / f"throughput-{slug}"
+    stamped = committed.with_name(f"{committed.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = committed if args.replace else stamped
     write_table("throughput", frame, out.with_suffix(".parquet"))
     with atomic_path(out.with_suffix(".md")) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     print(f"wrote {out.with_suffix('.parquet')} and {out.with_suffix('.md')}")
+    if not args.replace:
+        print(f"(the committed {committed.with_suffix('.md')} is kept; --replace updates it)")
     return 0
 
 
@@ -281,10 +333,30 @@ def cmd_unlock(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ltstudy.report.page import build_report
+    from ltstudy.report.page import build_report, export_charts
 
-    print(build_report(Path(args.results), Path(args.reports)))
+    try:
+        if args.export:
+            out = Path(args.out or Path(args.reports) / "export")
+            written = export_charts(Path(args.results), out, args.export, baseline=args.baseline)
+            print(f"{out}: {len(written)} charts as {args.export}")
+        else:
+            print(build_report(Path(args.results), Path(args.reports), baseline=args.baseline))
+    except ValueError as err:  # a baseline that is not a run
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The study config of a command: --configfile as with Snakemake, or the older positional
+    CONFIG; without either, the last Snakemake run's here, else DEFAULT_CONFIG."""
+    parser.add_argument("config", nargs="?", metavar="CONFIG", help="same as --configfile")
+    parser.add_argument(
+        "--configfile",
+        metavar="PATH",
+        help=f"the study config (default: the last Snakemake run's here, else {DEFAULT_CONFIG})",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,12 +372,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name, fn in commands:
         p = sub.add_parser(name)
-        p.add_argument("config", nargs="?", default=DEFAULT_CONFIG)
+        _config_arguments(p)
         p.set_defaults(fn=fn)
     sub.choices["runs"].add_argument(
         "--targets", action="store_true", help="print each run's output files instead of its id"
     )
     sub.choices["status"].add_argument("--all", action="store_true", help="list pending runs too")
+    sub.choices["status"].add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=10.0,
+        metavar="SECONDS",
+        help="redraw every SECONDS (default 10) until no run is running",
+    )
     p = sub.add_parser("sizes", help="parameters, FLOPs per token and weight memory")
     p.add_argument("--context", type=int, default=32768, help="context of the FLOP count")
     p.add_argument("--sizes", nargs="*", help="size presets (default: 500M ... 14B)")
@@ -334,9 +414,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     p.add_argument("--out", default="results/benchmarks")
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="write throughput-<device>.{md,parquet} (the committed table) instead of a new "
+        "file named with the date and time",
+    )
     p.set_defaults(fn=cmd_throughput)
     p = sub.add_parser("plan", help="layout, memory per GPU and GPU-hours of every run")
-    p.add_argument("config", nargs="?", default=DEFAULT_CONFIG)
+    _config_arguments(p)
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="GPU peak (bf16 dense)")
     p.add_argument("--summary", action="store_true", help="one line per group of like runs")
@@ -368,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         "stage", choices=["train", "perplexity", "passkey", "ruler", "lm_eval", "throughput"]
     )
     p.add_argument("run")
-    p.add_argument("config", nargs="?", default=DEFAULT_CONFIG)
+    _config_arguments(p)
     p.set_defaults(fn=cmd_stage)
     p = sub.add_parser("unlock", help="clear the lock a killed Snakemake left, if it is dead")
     p.add_argument("--directory", default=".", help="Snakemake's working directory")
@@ -376,8 +462,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("report")
     p.add_argument("--results", default="results")
     p.add_argument("--reports", default="reports")
+    p.add_argument("--baseline", help="a run id every run is compared with on compare.html")
+    p.add_argument("--export", choices=["svg", "png"], help="write every chart as a file")
+    p.add_argument("--out", help="the export folder (default: <reports>/export)")
     p.set_defaults(fn=cmd_report)
     args = parser.parse_args(argv)
+    if hasattr(args, "configfile"):
+        if args.config and args.configfile and args.config != args.configfile:
+            parser.error(f"CONFIG {args.config} and --configfile {args.configfile} differ")
+        args.config = resolve_config(args.configfile or args.config)
     try:
         return args.fn(args)
     except ConfigError as err:

@@ -7,7 +7,9 @@ pure function of its spec (its `config_hash` identifies it).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import difflib
 import functools
 import hashlib
 import itertools
@@ -36,7 +38,12 @@ RUN_FIELDS = ("variant", "size", "context", "seed")
 
 
 class ConfigError(ValueError):
-    """A bad configuration value; the message names the field."""
+    """A bad configuration value; the message names the field. `problems` holds one message
+    per error (a ConfigError may report several at once)."""
+
+    def __init__(self, message: str, problems: Iterable[str] = ()) -> None:
+        super().__init__(message)
+        self.problems = list(problems) or [message]
 
 
 @functools.cache
@@ -82,6 +89,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# PyYAML reads YAML 1.1, where a float needs a dot and a signed exponent: `2e-3` and `1e5`
+# would be strings. Read them as YAML 1.2 does (a quoted '2e-3' stays a string).
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
 def read_yaml(path: str | Path) -> dict:
     """A YAML config file's contents; a file that is missing, not YAML or gives a key twice
     is a ConfigError naming the file (and line)."""
@@ -99,17 +115,115 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
 
 
-def _check_finite(node: Any, source: str, path: tuple = ()) -> None:
+_NUMBER = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+
+
+def numbers_as_read(config: Any, read: Any) -> Any:
+    """`config` with each string that `read` (its files as read_yaml reads them) holds as a
+    float taken as that float: Snakemake reads config files as YAML 1.1, where an unquoted
+    2e-3 is a string. A string that --config set, or that the file quotes, stays a string."""
+    if isinstance(config, Mapping) and isinstance(read, Mapping):
+        return {key: numbers_as_read(value, read.get(key)) for key, value in config.items()}
+    if isinstance(config, list) and isinstance(read, list) and len(config) == len(read):
+        return [numbers_as_read(c, r) for c, r in zip(config, read, strict=True)]
+    if isinstance(config, str) and isinstance(read, float) and _NUMBER.fullmatch(config):
+        return read if float(config) == read else config
+    return config
+
+
+def _check_finite(node: Any, path: tuple = ()) -> Iterator[tuple[tuple, str]]:
     """NaN and infinity satisfy every `minimum` of the schema (NaN compares false), so a
-    `.nan` learning rate would only show as a NaN loss: reject them wherever they appear."""
+    `.nan` learning rate would only show as a NaN loss: reject them wherever they appear.
+    Yields (path, message) problems."""
     if isinstance(node, float) and not math.isfinite(node):
-        raise ConfigError(f"{source}: config field `{_field(path)}`: {node} is not a finite number")
+        yield path, f"config field `{_field(path)}`: {node} is not a finite number"
     if isinstance(node, Mapping):
         for key, value in node.items():
-            _check_finite(value, source, (*path, key))
+            yield from _check_finite(value, (*path, key))
     elif isinstance(node, list | tuple):
         for index, value in enumerate(node):
-            _check_finite(value, source, (*path, index))
+            yield from _check_finite(value, (*path, index))
+
+
+TOKENS_FORMS = "an integer, or a size such as 32k, 128K, 1m or 1M (k = 1024, M = 1024 * 1024)"
+_TOKENS = re.compile(r"([0-9]+)([kKmM])")
+
+
+def parse_tokens(text: str) -> int:
+    """'32k' -> 32768, '1M' -> 1048576: the inverse of context_label (either case)."""
+    match = _TOKENS.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"{text!r} is not a token count; write {TOKENS_FORMS}")
+    return int(match[1]) << (10 if match[2] in "kK" else 20)
+
+
+def _types(schema: Mapping) -> list[str]:
+    types = schema.get("type", [])
+    return [types] if isinstance(types, str) else list(types)
+
+
+def _deref(schema: Mapping) -> Mapping:
+    """A subschema with its `$ref` (always local, #/$defs/...) followed; sibling keywords
+    (format, default) kept."""
+    while "$ref" in schema:
+        target: Any = load_schema()
+        for part in schema["$ref"].removeprefix("#/").split("/"):
+            target = target[part]
+        schema = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
+    return schema
+
+
+def _read_numbers(node: Any, schema: Mapping) -> Any:
+    """`node` with token counts written as '32k' turned into integers and whole floats in
+    integer fields (`steps: 1e3`) into integers, by walking it beside its schema. Anything
+    that does not read is left for the schema check to refuse, saying why."""
+    schema = _deref(schema)
+    if isinstance(node, str) and schema.get("format") == "tokens":
+        with contextlib.suppress(ValueError):
+            return parse_tokens(node)
+    if isinstance(node, float) and node.is_integer() and "integer" in _types(schema):
+        return int(node)
+    for branch in schema.get("oneOf", []) + schema.get("anyOf", []):
+        node = _read_numbers(node, branch)
+    if isinstance(node, Mapping):
+        properties, extra = schema.get("properties", {}), schema.get("additionalProperties")
+        return {
+            key: _read_numbers(value, properties[key])
+            if key in properties
+            else (_read_numbers(value, extra) if isinstance(extra, Mapping) else value)
+            for key, value in node.items()
+        }
+    if isinstance(node, list) and isinstance(schema.get("items"), Mapping):
+        return [_read_numbers(value, schema["items"]) for value in node]
+    return node
+
+
+def _settings_field(dotted: str) -> Mapping | None:
+    """The subschema of a settings path such as `model.ttt.chunk_size` (a grid key)."""
+    node: Mapping = {"$ref": "#/$defs/settings"}
+    for part in dotted.split("."):
+        node = _deref(node)
+        branches = [node, *map(_deref, node.get("oneOf", []) + node.get("anyOf", []))]
+        found = [b["properties"][part] for b in branches if part in b.get("properties", {})]
+        if not found:
+            return None
+        node = found[0]
+    return node
+
+
+def read_numbers(raw: Any) -> Any:
+    """A copy of a config with sizes (`context: 32k`) and whole floats in integer fields read
+    as integers, grid values included; validate_study does this before the schema check
+    (which refuses what is not a config at all)."""
+    config = _read_numbers(raw, load_schema())
+    studies = config.get("studies") if isinstance(config, dict) else None
+    for study in studies if isinstance(studies, list) else []:
+        grid = study.get("grid") if isinstance(study, dict) else None
+        for key, values in grid.items() if isinstance(grid, dict) else ():
+            schema = _settings_field(key) if isinstance(key, str) else None
+            if schema is not None and isinstance(values, list):
+                grid[key] = [_read_numbers(value, schema) for value in values]
+    return config
 
 
 def _field(path: Iterable[Any]) -> str:
@@ -133,13 +247,107 @@ def _with_defaults(cls: type) -> type:
     return jsonschema.validators.extend(cls, {"properties": set_defaults})
 
 
-def _raise_first(errors: list[jsonschema.ValidationError], source: str) -> None:
-    """Raise the error nearest the top of the document, naming its field."""
-    if not errors:
+# Names people write for a setting, by the setting's key: a misspelt alias suggests the key.
+KEY_ALIASES = {
+    "learning_rate": "lr",
+    "max_steps": "steps",
+    "seq_len": "context",
+    "context_length": "context",
+    "max_seq_len": "context",
+    "model_size": "size",
+}
+
+
+def _closest(
+    value: Any, choices: Iterable[Any], aliases: Mapping[str, str] | None = None
+) -> str | None:
+    """The choice closest to a misspelt `value` (case aside), or None when none is close."""
+    names = {str(c).lower(): str(c) for c in choices}
+    names.update({a: key for a, key in (aliases or {}).items() if key in names.values()})
+    close = difflib.get_close_matches(str(value).lower(), list(names), n=1)
+    return names[close[0]] if close else None
+
+
+def _did_you_mean(value: Any, choices: Iterable[Any]) -> str:
+    best = _closest(value, choices)
+    return f"; did you mean {best!r}?" if best else ""
+
+
+def _schema_problems(error: jsonschema.ValidationError) -> Iterator[tuple[tuple, str]]:
+    """(path, message) of a schema error, saying why the value is refused."""
+    if error.validator in ("oneOf", "anyOf") and isinstance(error.instance, dict | list):
+        # the errors of the branches of the value's own type (a mapping, a list)
+        fitting = [e for e in error.context if e.relative_path or e.validator != "type"]
+        for sub in fitting:
+            yield from _schema_problems(sub)
+        if fitting:
+            return
+    err = jsonschema.exceptions.best_match([error]) or error  # into oneOf/anyOf branches
+    path, value, schema = tuple(err.absolute_path), err.instance, err.schema
+    field = f"config field `{_field(path)}`"
+    if err.validator == "additionalProperties" and err.validator_value is False:
+        known = list(schema.get("properties", {}))
+        where = f"in `{_field(path)}`" if path else "at the top level"
+        for key in sorted(set(value) - set(known), key=str):
+            best = _closest(key, known, KEY_ALIASES)
+            hint = f"; did you mean `{best}`?" if best else f" (known: {', '.join(known)})"
+            yield (*path, key), f"unknown key `{key}` {where}{hint}"
         return
-    err = min(errors, key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
-    best = jsonschema.exceptions.best_match([err]) or err
-    raise ConfigError(f"{source}: config field `{_field(best.absolute_path)}`: {best.message}")
+    types = _types(err.schema) if err.validator == "type" else []
+    if isinstance(value, str) and {"number", "integer"} & set(types) and _NUMBER.fullmatch(value):
+        yield path, f"{field}: {value!r} is a string; write the number unquoted"
+    elif isinstance(value, str) and schema.get("format") == "tokens":
+        yield path, f"{field}: {value!r} is not a token count; write {TOKENS_FORMS}"
+    elif err.validator == "enum" and isinstance(value, str):
+        yield path, f"{field}: {err.message}{_did_you_mean(value, err.validator_value)}"
+    elif err.validator in ("oneOf", "anyOf") and isinstance(value, str):
+        words = [_deref(b).get("const") for b in err.validator_value]
+        hint = _did_you_mean(value, [w for w in words if isinstance(w, str)])
+        yield path, f"{field}: {err.message}{hint}"
+    else:
+        yield path, f"{field}: {err.message}"
+
+
+def _path_order(problem: tuple[tuple, str]) -> tuple:
+    path, message = problem
+    return tuple((isinstance(part, str), part) for part in path), message
+
+
+def _raise_schema(
+    errors: Iterable[jsonschema.ValidationError],
+    source: str,
+    found: Iterable[tuple[tuple, str]] = (),
+) -> None:
+    """Raise every schema error (and the `found` problems) at once, sorted by field."""
+    problems = {p for err in errors for p in _schema_problems(err)} | set(found)
+    ordered = sorted(problems, key=_path_order)
+    _raise_together([f"{source}: {message}" for _, message in ordered], source)
+
+
+MAX_LISTED = 20  # errors listed of a config's runs (a grid repeats one mistake in many)
+
+
+def _raise_together(messages: Iterable[str], source: str, limit: int | None = None) -> None:
+    """One ConfigError for several: a count, then each message on its own line (the first
+    `limit` of them), without the shared `source` prefix."""
+    messages = list(dict.fromkeys(messages))
+    if len(messages) <= 1:
+        if messages:
+            raise ConfigError(messages[0])
+        return
+    lines = [f"  {m.removeprefix(f'{source}: ')}" for m in messages[:limit]]
+    if limit is not None and len(messages) > limit:
+        lines.append(f"  ... and {len(messages) - limit} more")
+    raise ConfigError(f"{source}: {len(messages)} errors\n" + "\n".join(lines), messages)
+
+
+@contextlib.contextmanager
+def _gather(problems: list[str]) -> Iterator[None]:
+    """Keep a check's ConfigError in `problems` instead of raising it, to report all at once."""
+    try:
+        yield
+    except ConfigError as err:
+        problems.extend(err.problems)
 
 
 def default_settings() -> dict:
@@ -154,7 +362,7 @@ def default_settings() -> dict:
 def validate_config(raw: Mapping, source: str = "config") -> dict:
     """Check `raw` against the schema and the registries; return a copy with defaults filled.
 
-    Raises ConfigError naming the first bad field.
+    Raises ConfigError naming every bad field found.
     """
     return validate_study(raw, source)[0]
 
@@ -164,13 +372,14 @@ def validate_study(
 ) -> tuple[dict, dict[str, dict]]:
     """validate_config, also returning the runs (expanding them is part of the check, so
     callers that need both should not expand twice)."""
-    _check_finite(raw, source)
+    non_finite = list(_check_finite(raw))
+    raw = read_numbers(raw)
     schema = load_schema()
     base = jsonschema.validators.validator_for(schema)
     checker = base(schema)
-    _raise_first(list(checker.iter_errors(dict(raw))), source)
+    _raise_schema(checker.iter_errors(raw), source, non_finite)
 
-    config = copy.deepcopy(dict(raw))
+    config = copy.deepcopy(raw)
     filler = _with_defaults(base)(schema)
     top = {k: v for k, v in schema["properties"].items() if k != "studies"}
     filler.evolve(schema={"type": "object", "properties": top}).validate(config)
@@ -359,67 +568,75 @@ class _SettingsChecker:
 
     def check(self, settings: Mapping, source: str) -> None:
         if not self.split:
-            _raise_first(list(self.whole.iter_errors(settings)), source)
+            _raise_schema(self.whole.iter_errors(settings), source)
             return
         for key, value in settings.items():
             token = (key, type(value), json.dumps(value, sort_keys=True, default=repr))
             if token not in self.valid:
                 section = self.sections.get(key)
                 if section is None or not section.is_valid(value):
-                    _raise_first(list(self.whole.iter_errors(settings)), source)
+                    _raise_schema(self.whole.iter_errors(settings), source)
                 self.valid.add(token)
 
 
 def expand_runs(config: Mapping, source: str = "config") -> dict[str, dict]:
-    """All runs of all studies, keyed by run id ('<study>/<name>'), each a resolved spec."""
+    """All runs of all studies, keyed by run id ('<study>/<name>'), each a resolved spec.
+    Every study and run is checked before the errors are raised, together."""
     schema = load_schema()
     checker = jsonschema.validators.validator_for(schema)(schema)
     settings_checker = _SettingsChecker(checker)
     runs: dict[str, dict] = {}
     seen_studies: set[str] = set()
+    problems: list[str] = []
     for index, study in enumerate(config["studies"]):
         where = f"studies[{index}]"
         if not study.get("enabled", True):
             continue
-        if study["name"] in seen_studies:
-            raise ConfigError(
-                f"{source}: config field `{where}.name`: duplicate study {study['name']!r}"
-            )
-        seen_studies.add(study["name"])
-        data = study_data(config, study)
-        if study.get("data"):
-            _raise_first(
-                list(checker.evolve(schema={"$ref": "#/$defs/data"}).iter_errors(data)),
-                f"{source}: {where}.data",
-            )
-            _check_data(data, f"{where}.data", source)
+        found = len(problems)
+        with _gather(problems):
+            if study["name"] in seen_studies:
+                raise ConfigError(
+                    f"{source}: config field `{where}.name`: duplicate study {study['name']!r}"
+                )
+            seen_studies.add(study["name"])
+            data = study_data(config, study)
+            if study.get("data"):
+                _raise_schema(
+                    checker.evolve(schema={"$ref": "#/$defs/data"}).iter_errors(data),
+                    f"{source}: {where}.data",
+                )
+                _check_data(data, f"{where}.data", source)
+            known_sizes = {**SIZES, **config.get("sizes", {})}
+            for size in study.get("size_overrides", {}):
+                _check_choice(size, known_sizes, f"{where}.size_overrides", "size", source)
+        if len(problems) > found:  # its runs would fail for the same reason
+            continue
         base = deep_merge(config["defaults"], study.get("overrides", {}))
-        known_sizes = {**SIZES, **config.get("sizes", {})}
-        for size in study.get("size_overrides", {}):
-            _check_choice(size, known_sizes, f"{where}.size_overrides", "size", source)
         explicit = study.get("runs") or [{}]
         for point in _grid_points(study.get("grid", {})):
             from_grid: dict = {}
             for key, value in point.items():
                 from_grid = _merge(from_grid, _dotted(key, value))
             for entry in explicit:
-                extra = entry.get("overrides", {})
-                size = _merge(_merge(base, from_grid), extra)["size"]
-                by_size = study.get("size_overrides", {}).get(size, {})
-                merged = _merge(_merge(_merge(base, by_size), from_grid), extra)
-                run_where = f"{where} ({study['name']})"
-                settings_checker.check(merged, f"{source}: {run_where}")
-                settings = _copy(merged)
-                name = _run_name(settings, point, entry.get("name"))
-                run_id = f"{study['name']}/{name}"
-                if run_id in runs:
-                    raise ConfigError(
-                        f"{source}: config field `{where}`: two runs resolve to {run_id!r}; "
-                        "give explicit runs distinct names"
+                with _gather(problems):
+                    extra = entry.get("overrides", {})
+                    size = _merge(_merge(base, from_grid), extra)["size"]
+                    by_size = study.get("size_overrides", {}).get(size, {})
+                    merged = _merge(_merge(_merge(base, by_size), from_grid), extra)
+                    run_where = f"{where} ({study['name']})"
+                    settings_checker.check(merged, f"{source}: {run_where}")
+                    settings = _copy(merged)
+                    name = _run_name(settings, point, entry.get("name"))
+                    run_id = f"{study['name']}/{name}"
+                    if run_id in runs:
+                        raise ConfigError(
+                            f"{source}: config field `{where}`: two runs resolve to {run_id!r}; "
+                            "give explicit runs distinct names"
+                        )
+                    runs[run_id] = resolve_run(
+                        config, study, name, settings, f"{source}: {run_where}", data
                     )
-                runs[run_id] = resolve_run(
-                    config, study, name, settings, f"{source}: {run_where}", data
-                )
+    _raise_together(problems, source, limit=MAX_LISTED)
     _link_init_from(runs, source)
     return runs
 
@@ -477,8 +694,8 @@ def _tasks_per_node(resources: Mapping, group: str, source: str) -> int:
 def _check_choice(value: str, known: Mapping, field: str, what: str, source: str) -> None:
     if value not in known:
         raise ConfigError(
-            f"{source}: config field `{field}`: unknown {what} {value!r} "
-            f"(known: {', '.join(sorted(known))})"
+            f"{source}: config field `{field}`: unknown {what} {value!r}"
+            f"{_did_you_mean(value, known)} (known: {', '.join(sorted(known))})"
         )
 
 
@@ -567,7 +784,9 @@ def resolve_run(
             settings["context"],
         )
     except KeyError as err:
-        raise ConfigError(f"{source}: config field `size`: {err.args[0]}") from None
+        known = {**SIZES, **config.get("sizes", {})}
+        hint = _did_you_mean(settings["size"], known)
+        raise ConfigError(f"{source}: config field `size`: {err.args[0]}{hint}") from None
     except ValueError as err:
         raise ConfigError(f"{source}: config field `model`: {err}") from None
     _check_fast_weight_chunk(model, f"{source}: {study['name']}/{name}")

@@ -8,6 +8,10 @@ status file per stage live in the run's folder:
     <work_dir>/spec.json                          the resolved spec (config and seed) it ran with
     <work_dir>/logs/<stage>/<job_id>_0_log.{out,err}   the job's output
     <work_dir>/status/<stage>.json                running | done | failed (+ reason, job, timing)
+    <work_dir>/status/<stage>.progress.json       how far the job is (ltstudy.progress)
+
+While it waits, `launch` prints a line of the job's progress to the console (Snakemake's) every
+`PRINT_EVERY_S` seconds at most, when it changed.
 """
 
 from __future__ import annotations
@@ -30,11 +34,16 @@ from ltstudy.attempts import clear_attempts, close_attempts, recorded_attempt, t
 from ltstudy.failures import failure_reason
 from ltstudy.io import read_json, write_json
 from ltstudy.preemption import requeue_on_preemption
+from ltstudy.progress import progress_line, progress_path, read_progress, recording
 
 LAUNCHERS = ("local", "slurm", "debug")
 # Snakemake resources that carry submitit/Slurm settings (strings may come from the profile's
 # default-resources; numbers are declared by each rule from the run's config).
 STRING_RESOURCES = ("slurm_partition", "slurm_account", "slurm_qos", "constraint")
+# How often the waiting side reads a job's progress file, and prints it at most (per job: a
+# study waits on many jobs at once and their lines must not flood the console).
+POLL_EVERY_S = 5.0
+PRINT_EVERY_S = 30.0
 
 
 class LaunchError(RuntimeError):
@@ -46,7 +55,8 @@ class StageJob(submitit.helpers.Checkpointable):
 
     Being Checkpointable lets submitit requeue the job on preemption or at its time limit; a
     requeued training job resumes from the checkpoint it wrote when it received the signal.
-    The job's rank 0 records its attempt (start, heartbeat, end) for the run's accounting.
+    The job's rank 0 records its attempt (start, heartbeat, end) for the run's accounting,
+    and its progress for the console.
     """
 
     def __init__(self, stage: str, work_dir: str | Path | None = None):
@@ -62,7 +72,10 @@ class StageJob(submitit.helpers.Checkpointable):
             return None
         if rank != 0 or self.work_dir is None:
             return run_stage(self.stage, payload, outputs)
-        with recorded_attempt(self.work_dir, self.stage, job_id):
+        with (
+            recorded_attempt(self.work_dir, self.stage, job_id),
+            recording(self.work_dir, self.stage),
+        ):
             return run_stage(self.stage, payload, outputs)
 
 
@@ -177,6 +190,30 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _printed_progress(work_dir: Path, stage: str, label: str) -> Iterator[None]:
+    """While the block waits on the job, print its progress when it changed, at most every
+    `PRINT_EVERY_S` seconds (the first line as soon as there is one)."""
+    stop = threading.Event()
+
+    def watch() -> None:
+        shown, printed = None, -math.inf
+        while not stop.wait(POLL_EVERY_S):
+            progress = read_progress(work_dir, stage)
+            changed = progress is not None and progress.get("done") != shown
+            if changed and time.monotonic() - printed >= PRINT_EVERY_S:
+                print(progress_line(label, progress), flush=True)
+                shown, printed = progress["done"], time.monotonic()
+
+    thread = threading.Thread(target=watch, name="ltstudy-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def launch(
     stage: str,
     payload: Mapping[str, Any],
@@ -195,6 +232,7 @@ def launch(
     config = payload.get("config_hash")
     if previous is None or previous["status"] == "done" or previous.get("config_hash") != config:
         clear_attempts(work_dir, stage)  # a fresh computation; otherwise this one resumes
+    progress_path(work_dir, stage).unlink(missing_ok=True)  # a previous job's
     status = {
         "stage": stage,
         "run": label,
@@ -225,7 +263,7 @@ def launch(
         record(job_id=str(job.job_id), log=log, stderr=str(job.paths.stderr), gpus=gpus_used)
         print(f"[ltstudy] {label} {stage}: {launcher} job {job.job_id}, log {log}", flush=True)
         try:
-            with _terminate_as_interrupt():
+            with _terminate_as_interrupt(), _printed_progress(work_dir, stage, label):
                 result = job.results()[0]  # rank 0's; every task must succeed
         except KeyboardInterrupt:
             if launcher == "local":

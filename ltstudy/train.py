@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ltstudy import progress
 from ltstudy.checkpoint import (
     export_model,
     load_checkpoint,
@@ -373,6 +374,7 @@ def _train(
         f"checkpointing {layout.activation_checkpointing}"
     )
     model.train()
+    progress.update(start_step, steps, "steps")
     segment_start, segment_steps = time.perf_counter(), 0
     with StopSignals() as stop:
         for step in range(start_step, steps):
@@ -395,6 +397,7 @@ def _train(
                 }
             )
             done = step + 1
+            progress.update(done, steps, "steps", loss)
             if done % cfg["log_every"] == 0 or done == steps or done == start_step + 1:
                 rate = (time.perf_counter() - segment_start) / segment_steps
                 log(

@@ -18,6 +18,9 @@ from ltstudy.parallel.spans import span_multiple, split_spans
 from tests.context_jobs import split_generate
 from tests.test_context_model import micro_settings
 
+# multi-process runs (submitit ranks, killed and resumed jobs): `make test-slow`, in CI
+pytestmark = pytest.mark.slow
+
 # degree: (prompt length, decode steps); spans of whole chunks of 8 or 16 tokens.
 SHAPES = {2: (45, 5), 3: (33, 8)}  # last spans 21 or 13 tokens; 1 token
 VARIANTS = {

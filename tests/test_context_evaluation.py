@@ -11,6 +11,9 @@ import pytest
 from tests.conftest import launch_stage
 from tests.test_evaluation import trained_spec
 
+# multi-process runs (submitit ranks, killed and resumed jobs): `make test-slow`, in CI
+pytestmark = pytest.mark.slow
+
 RUNS = ["micro/full-micro-64", "micro/mamba2-micro-64", "micro/ttt_swa-micro-64"]
 KEYS = {
     "perplexity": ["protocol", "length", "rope"],

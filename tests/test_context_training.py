@@ -21,6 +21,9 @@ from ltstudy.train import run_paths, train
 from tests.distributed_jobs import first_gradients, train_and_gradients
 from tests.test_distributed import losses, micro_variant_specs
 
+# multi-process runs (submitit ranks, killed and resumed jobs): `make test-slow`, in CI
+pytestmark = pytest.mark.slow
+
 
 def rank_job(tmp_path, ranks, specs):
     params = submitit_parameters(

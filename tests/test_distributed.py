@@ -25,6 +25,9 @@ from tests.conftest import launch_stage
 from tests.distributed_jobs import first_gradients, slow_train, train_and_gradients
 from tests.test_train import saved_step
 
+# multi-process runs (submitit ranks, killed and resumed jobs): `make test-slow`, in CI
+pytestmark = pytest.mark.slow
+
 STEPS = 20
 
 

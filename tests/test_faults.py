@@ -27,6 +27,9 @@ from ltstudy.launch import LaunchError, read_status
 from tests.conftest import ROOT, launch_stage, micro_spec
 from tests.test_checkpoint import record_sizes
 
+# multi-process runs (submitit ranks, killed and resumed jobs): `make test-slow`, in CI
+pytestmark = pytest.mark.slow
+
 CURVE = ["step", "tokens", "loss", "lr", "grad_norm"]
 STEPS, EVERY = 400, 50  # long enough to hit mid-run, short enough for seconds per run
 

@@ -124,3 +124,23 @@ def test_cuda_peak_memory_is_each_points_own_and_the_peak_is_the_datasheets():
     if datasheet:
         assert (frame["peak_source"] == "datasheet").all()
         assert (frame["peak_tflops"] == datasheet).all()
+
+
+def test_throughput_command_keeps_the_committed_table(tmp_path, capsys):
+    """`ltstudy throughput` writes a new, dated table and reports the spread of its repeats;
+    only `--replace` writes the committed throughput-<device> table."""
+    import polars as pl
+
+    from ltstudy.cli import main
+
+    args = ["throughput", "--variants", "full", "--sizes", "micro", "--contexts", "64"]
+    args += ["--modes", "prefill", "--repeats", "3", "--out", str(tmp_path)]
+    assert main(args) == 0
+    (dated,) = tmp_path.glob("throughput-cpu-*.parquet")
+    assert not (tmp_path / "throughput-cpu.parquet").exists()
+    row = pl.read_parquet(dated).row(0, named=True)
+    assert row["tokens_per_s_min"] <= row["tokens_per_s"] <= row["tokens_per_s_max"]
+    assert "spread %" in capsys.readouterr().out
+    assert main([*args, "--replace"]) == 0
+    assert (tmp_path / "throughput-cpu.parquet").exists()
+    assert (tmp_path / "throughput-cpu.md").read_text().count("full") == 1

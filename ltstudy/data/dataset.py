@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ltstudy import progress
 from ltstudy.data.corpus import CHUNK, Document, iter_documents
 from ltstudy.data.synthetic import synthetic_documents
 from ltstudy.data.text import split_sentences, vocabulary
@@ -303,6 +304,7 @@ def _build(data_cfg: Mapping[str, Any], folder: Path) -> dict[str, Any]:
                     samples.append(head)
             total_bytes += size
             documents = sum(table.documents.values())
+            progress.update(documents, None, "documents")
             if documents % 1000 == 0:
                 print(f"[data] {documents} documents, {total_bytes / 1e6:.1f} MB", flush=True)
             if max_bytes and total_bytes >= max_bytes:

@@ -12,11 +12,13 @@ from typing import Any
 
 import torch
 
+from ltstudy import progress
 from ltstudy.data.tokenizer import get_tokenizer
 from ltstudy.device import autocast
 from ltstudy.evaluate.passkey_prompt import depth_grid, first_integer, passkey_prompt
 from ltstudy.evaluate.setup import (
     Ranks,
+    count_points,
     evaluation_ranks,
     position_methods,
     prefill_logits,
@@ -71,6 +73,8 @@ def _evaluate_passkey(spec: Mapping[str, Any], out_path: str, ranks: Ranks) -> N
     tokenizer = get_tokenizer(spec["data"]["tokenizer"])
     rng = torch.Generator().manual_seed(cfg["seed"])
     rows = []
+    prompts = count_points(model, spec, cfg) * len(depth_grid(cfg["depths"])) * cfg["trials"]
+    progress.update(0, prompts, "prompts")
     for length in cfg["lengths"]:
         trials = [
             (depth, trial, int(torch.randint(1, 50001, (1,), generator=rng)))
@@ -104,6 +108,7 @@ def _evaluate_passkey(spec: Mapping[str, Any], out_path: str, ranks: Ranks) -> N
                         "correct": prediction == str(key),
                     }
                 )
+                progress.update(len(rows), prompts, "prompts")
             if ranks.is_main:
                 print(
                     f"[passkey {spec['run_id']}] length {length:,} rope "

@@ -27,10 +27,12 @@ import polars as pl
 import torch
 from torch import Tensor
 
+from ltstudy import progress
 from ltstudy.data.dataset import TokenData
 from ltstudy.device import autocast
 from ltstudy.evaluate.setup import (
     Ranks,
+    count_points,
     evaluation_ranks,
     position_methods,
     sequence_losses,
@@ -202,6 +204,8 @@ def _evaluate_perplexity(
         if ranks.is_main:
             print(f"[perplexity {tag}] {message}", flush=True)
 
+    points, done = count_points(model, spec, cfg), 0
+    progress.update(done, points, "points")
     for length in cfg["lengths"]:
         stride = cfg["stride"] or max(1, length // 2)
         if "stride" in cfg["protocols"]:
@@ -247,6 +251,8 @@ def _evaluate_perplexity(
                     positions.append(
                         {**identity(spec), "length": length, "rope": scaling_label(scaling), **row}
                     )
+            done += 1
+            progress.update(done, points, "points")
     if ranks.is_main:
         write_table("perplexity", rows, out_paths["table"])
         write_table("position_loss", positions, out_paths["positions"])

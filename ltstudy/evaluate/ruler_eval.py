@@ -10,11 +10,18 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from ltstudy import progress
 from ltstudy.data.dataset import document_texts
 from ltstudy.data.tokenizer import get_tokenizer
 from ltstudy.evaluate.passkey import greedy_decode
 from ltstudy.evaluate.ruler import TaskSkipped, build_sources, generate, score
-from ltstudy.evaluate.setup import Ranks, evaluation_ranks, position_methods, trained_model
+from ltstudy.evaluate.setup import (
+    Ranks,
+    count_points,
+    evaluation_ranks,
+    position_methods,
+    trained_model,
+)
 from ltstudy.models.rope import scaling_label
 from ltstudy.results.schemas import identity, write_table
 
@@ -31,11 +38,13 @@ def _evaluate_ruler(spec: Mapping[str, Any], out_path: str, ranks: Ranks) -> Non
     texts = document_texts(spec["data_dir"], "validation", tokenizer, max_documents=200)
     sources = build_sources(texts, cfg["squad_path"], cfg["hotpotqa_path"])
     rows = []
+    prompts = count_points(model, spec, cfg) * len(cfg["tasks"]) * cfg["samples"]
     for length in cfg["lengths"]:
         for scaling in position_methods(model, spec, cfg, length):
             for task in cfg["tasks"]:
                 scores = []
                 for index in range(cfg["samples"]):
+                    progress.update(len(rows), prompts, "prompts")
                     base = {
                         **identity(spec),
                         "task": task,
@@ -92,5 +101,6 @@ def _evaluate_ruler(spec: Mapping[str, Any], out_path: str, ranks: Ranks) -> Non
                         f"rope {scaling_label(scaling)}: {result}",
                         flush=True,
                     )
+    progress.update(len(rows), prompts, "prompts")
     if ranks.is_main:
         write_table("ruler", rows, out_path)

@@ -92,17 +92,32 @@ def prefill_logits(
     return context.from_last(model.lm_head(hidden)[:, -1], hidden.device)
 
 
-def position_methods(
+def _scalings(
     model: torch.nn.Module, spec: Mapping[str, Any], settings: Mapping[str, Any], length: int
-) -> Iterator[dict | None]:
-    """Set each rope scaling to evaluate `length` with on the model, yielding it: the run's own,
-    and beyond the training context the configured extension (RoPE models only)."""
-    for scaling in scalings_for_length(
+) -> list[dict | None]:
+    """The rope scalings `length` is evaluated with: the run's own, and beyond the training
+    context the configured extension (RoPE models only)."""
+    return scalings_for_length(
         model.cfg.rope_scaling,
         settings["rope_scaling_beyond_context"],
         spec["context"],
         length,
         VARIANTS[spec["variant"]].rotary,
-    ):
+    )
+
+
+def position_methods(
+    model: torch.nn.Module, spec: Mapping[str, Any], settings: Mapping[str, Any], length: int
+) -> Iterator[dict | None]:
+    """Set each rope scaling of `_scalings` on the model, yielding it."""
+    for scaling in _scalings(model, spec, settings, length):
         model.set_rope_scaling(scaling)
         yield scaling
+
+
+def count_points(
+    model: torch.nn.Module, spec: Mapping[str, Any], settings: Mapping[str, Any]
+) -> int:
+    """How many (length, rope scaling) points `position_methods` gives over all of
+    settings["lengths"]: the total of an evaluation's progress."""
+    return sum(len(_scalings(model, spec, settings, n)) for n in settings["lengths"])

@@ -3,27 +3,30 @@
 Modes: `train` (forward + backward of the LM loss), `prefill` (forward without gradients, up to
 the final hidden states) and `decode` (one token at a time through the cache after a prefill of
 `seq_len` tokens). Each measurement runs `warmup` untimed steps, then `repeats` timed ones, and
-reports the median; CUDA events time the GPU, the wall clock the CPU. MFU is the FLOP count of
-ltstudy.models.flops (PaLM/torchtitan's 6·N + 12·L·H·Q·T for training) per second over the
-device's peak: given (`peak_tflops`), else the datasheet's dense bf16 peak of a known GPU, else
-a measured matmul (the CPU, an unknown GPU, fp32 compute); `peak_source` says which.
+reports the median beside the slowest and fastest repeat; CUDA events time the GPU, the wall
+clock the CPU. MFU is the FLOP count of ltstudy.models.flops (PaLM/torchtitan's
+6·N + 12·L·H·Q·T for training) per second over the device's peak: given (`peak_tflops`), else
+the datasheet's dense bf16 peak of a known GPU, else a measured matmul (the CPU, an unknown GPU,
+fp32 compute); `peak_source` says which.
 
 Peak memory is per point: on CUDA the allocator's peak since the point began; on the CPU each
-point runs in a fresh process (the resident set's peak is a lifetime maximum). A length that
+point runs in a fresh process forked from a server (the resident set's peak is a lifetime
+maximum). A length that
 does not fit in memory is recorded with status "oom".
 """
 
 from __future__ import annotations
 
-import json
+import multiprocessing
 import statistics
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
 
+from ltstudy import progress
 from ltstudy.device import (
     autocast,
     configure_threads,
@@ -37,7 +40,6 @@ from ltstudy.device import (
 from ltstudy.models.attention import reserve_kv_cache
 from ltstudy.models.flops import flops_per_token
 from ltstudy.models.transformer import build_model, count_parameters
-from ltstudy.plan.benchmark import run_fresh
 from ltstudy.results.schemas import identity, table_frame, write_table
 
 MODES = ("train", "prefill", "decode")
@@ -158,6 +160,8 @@ def measure(
     return {
         "status": "ok",
         "tokens_per_s": rate,
+        "tokens_per_s_min": produced / max(times),
+        "tokens_per_s_max": produced / min(times),
         "step_ms": median * 1e3,
         "peak_memory_mb": memory,
         "memory_kind": kind,
@@ -172,6 +176,8 @@ def _oom(flops: float, params: int, memory_kind: str) -> dict[str, Any]:
     return {
         "status": "oom",
         "tokens_per_s": None,
+        "tokens_per_s_min": None,
+        "tokens_per_s_max": None,
         "step_ms": None,
         "peak_memory_mb": None,
         "memory_kind": memory_kind,
@@ -189,11 +195,32 @@ def measure_point(point: Mapping[str, Any]) -> dict[str, Any]:
     return measure(model, **{k: v for k, v in point.items() if k not in ("model", "threads")})
 
 
+def _measure_child(point: Mapping[str, Any], conn: Connection) -> None:
+    try:
+        conn.send(("ok", measure_point(point)))
+    except RuntimeError as err:  # the CPU allocator: "DefaultCPUAllocator: can't allocate ..."
+        reason = str(err).splitlines()[0]
+        conn.send(("oom" if "allocate" in reason else f"failed: {reason}", None))
+
+
 def measure_fresh(model_cfg: Mapping[str, Any], **args: Any) -> dict[str, Any]:
     """`measure` on the CPU in a fresh process (with this process's threads), so that the
-    resident set's peak is this point's alone."""
+    resident set's peak is this point's alone. The process is forked from a server that has
+    imported torch and this module: a new interpreter's baseline without paying its start-up
+    (seconds) at every point."""
     point = {"model": dict(model_cfg), "threads": torch.get_num_threads(), **args}
-    status, result = run_fresh("ltstudy.evaluate.throughput", point)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])  # takes effect when the server first starts
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_measure_child, args=(point, send))
+    child.start()
+    send.close()
+    try:
+        status, result = receive.recv()
+    except EOFError:  # killed: the kernel's out-of-memory killer sends SIGKILL
+        child.join()
+        status, result = ("oom" if child.exitcode == -9 else f"exit code {child.exitcode}"), None
+    child.join()
     if status == "oom":
         params = count_parameters(model_cfg)["total"]
         flops = flops_per_token(model_cfg, params, args["seq_len"], args["mode"])
@@ -213,7 +240,8 @@ def throughput_rows(
     """Every context x mode: with `model` in this process (a GPU), without it each point in a
     fresh process on the CPU. `peak` is (TFLOP/s, source), from `device_peak`."""
     device = torch.device("cpu") if model is None else next(model.parameters()).device
-    rows = []
+    rows, points = [], len(cfg["contexts"]) * len(cfg["modes"])
+    progress.update(0, points, "points")
     for seq_len in sorted(cfg["contexts"]):
         for mode in cfg["modes"]:
             args = {
@@ -243,6 +271,7 @@ def throughput_rows(
                     "peak_source": peak[1],
                 }
             )
+            progress.update(len(rows), points, "points")
             if result["status"] == "ok":
                 log(
                     f"[throughput {spec['run_id']}] {mode} {seq_len:,}: "
@@ -290,7 +319,3 @@ def benchmark(specs: Sequence[Mapping[str, Any]], peak_tflops: float | None = No
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return table_frame("throughput", rows)
-
-
-if __name__ == "__main__":
-    print(json.dumps(measure_point(json.loads(sys.argv[1]))), flush=True)

@@ -10,6 +10,7 @@ from typing import Any
 import polars as pl
 
 from ltstudy.launch import read_status
+from ltstudy.progress import read_progress
 from ltstudy.results.schemas import (
     RUN_FILES,
     TABLE_STAGE,
@@ -58,7 +59,8 @@ def collect_table(
 def run_status(spec: Mapping[str, Any]) -> dict[str, Any]:
     """Status of a run from its stages' status files: done, failed (with reason), running or
     pending; with the wall time, GPU-hours and attempts of every stage's jobs, failed and
-    interrupted attempts included."""
+    interrupted attempts included. `stage` names the failed stage or the running ones, and
+    `progress` is the first running stage's last progress (ltstudy.progress), if any."""
     stages = {s: read_status(spec["run_dir"], s) for s in spec["stages"]}
     recorded = [st for st in stages.values() if st]
     usage = {
@@ -71,16 +73,20 @@ def run_status(spec: Mapping[str, Any]) -> dict[str, Any]:
     failed = {s: st for s, st in stages.items() if st and st["status"] == "failed"}
     if failed:
         stage, st = next(iter(failed.items()))
-        error = f"{stage}: {st.get('reason', '')} (log {st.get('log')})"
-        return {"status": "failed", "error": error, **usage}
+        reason, log = st.get("reason", ""), st.get("log")
+        failure = {"error": f"{stage}: {reason} (log {log})", "reason": reason, "log": log}
+        return {"status": "failed", "stage": stage, "progress": None, **failure, **usage}
     states = [st["status"] if st else "pending" for st in stages.values()]
+    running = [s for s, state in zip(stages, states, strict=True) if state == "running"]
     if all(s == "done" for s in states):
         status = "done"
-    elif "running" in states:
+    elif running:
         status = "running"
     else:
         status = "pending"
-    return {"status": status, "error": None, **usage}
+    found = (read_progress(spec["run_dir"], s) for s in running)
+    now = {"stage": "+".join(running) or None, "progress": next(filter(None, found), None)}
+    return {"status": status, "error": None, **now, **usage}
 
 
 def runs_frame(specs: Mapping[str, Mapping[str, Any]], curves: pl.DataFrame) -> pl.DataFrame:

@@ -100,6 +100,9 @@ TABLES: dict[str, pl.Schema] = {
         "batch_size": pl.Int64,
         "status": pl.String,
         "tokens_per_s": pl.Float64,
+        # the fastest and slowest repeat: how far to trust the median
+        "tokens_per_s_min": pl.Float64,
+        "tokens_per_s_max": pl.Float64,
         "step_ms": pl.Float64,
         "peak_memory_mb": pl.Float64,
         "memory_kind": pl.String,

@@ -1,4 +1,4 @@
-"""The fake Slurm's commands: sbatch, srun, sacct, squeue, scontrol, scancel."""
+"""The fake Slurm's commands: sbatch, srun, sacct, squeue, scontrol, scancel, sinfo, sacctmgr."""
 
 from __future__ import annotations
 
@@ -468,13 +468,57 @@ def _show_job(job: dict[str, Any], oneliner: bool) -> str:
     return (" " if oneliner else "\n   ").join(lines)
 
 
+def cluster_settings() -> dict[str, str]:
+    """The cluster's partitions (the default marked *), the user's default account ("": none)
+    and AccountingStorageEnforce, from $FAKE_SLURM_PARTITIONS (comma-separated),
+    $FAKE_SLURM_DEFAULT_ACCOUNT and $FAKE_SLURM_ENFORCE: by default a cluster where a job
+    needs neither a partition nor an account."""
+    return {
+        "partitions": os.environ.get("FAKE_SLURM_PARTITIONS", f"{PARTITION}*"),
+        "account": os.environ.get("FAKE_SLURM_DEFAULT_ACCOUNT", "fake"),
+        "enforce": os.environ.get("FAKE_SLURM_ENFORCE", "associations,limits,qos"),
+    }
+
+
+def sinfo(args: list[str]) -> None:
+    """`sinfo [-h] [-o %P]`: the partitions, one a line (the only format known)."""
+    opts, rest = parse_options(
+        args, options_table("format", flags="noheader"), short_options("h:noheader o:format")
+    )
+    if rest or opts.get("format", "%P") != "%P":
+        raise SlurmError(f"the fake sinfo knows only `sinfo [-h] [-o %P]`, not {args}")
+    if "noheader" not in opts:
+        print("PARTITION")
+    for name in cluster_settings()["partitions"].split(","):
+        print(name)
+
+
+def sacctmgr(args: list[str]) -> None:
+    """`sacctmgr [-n] show user NAME format=defaultaccount`: the user's default account;
+    nothing where the user has none (no association)."""
+    opts, rest = parse_options(args, options_table("", flags="noheader"), {"n": "noheader"})
+    if rest[:2] not in (["show", "user"], ["list", "user"]) or len(rest) != 4:
+        raise SlurmError(f"the fake sacctmgr knows only `show user NAME format=...`, not {args}")
+    if rest[3].lower() != "format=defaultaccount":
+        raise SlurmError(f"the fake sacctmgr prints only format=defaultaccount, not {rest[3]}")
+    account = cluster_settings()["account"]
+    if "noheader" not in opts:
+        print(f"{'Def Acct':>10}\n{'-' * 10}")
+    if account and rest[2] == user_name():
+        print(f"{account:>10}")
+
+
 def scontrol(args: list[str]) -> None:
     opts, rest = parse_options(
         args,
         {"oneliner": False, "details": False, "quiet": False},
         {"o": "oneliner", "d": "details", "Q": "quiet"},
     )
-    if rest[:1] == ["requeue"] and len(rest) == 2:
+    if rest == ["show", "config"]:
+        print("Configuration data as of 2026-01-01T00:00:00")
+        print(f"AccountingStorageEnforce = {cluster_settings()['enforce']}")
+        print("ClusterName             = fake")
+    elif rest[:1] == ["requeue"] and len(rest) == 2:
         for job_id in rest[1].split(","):
             requeue(job_id)
     elif rest[:2] in (["show", "job"], ["show", "jobs"], ["show", "jobid"]) and len(rest) <= 3:
@@ -510,6 +554,8 @@ COMMANDS = {
     "squeue": squeue,
     "scontrol": scontrol,
     "scancel": scancel,
+    "sinfo": sinfo,
+    "sacctmgr": sacctmgr,
 }
 
 

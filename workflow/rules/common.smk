@@ -1,20 +1,24 @@
 # Config validation, the run table, and helpers shared by every rule file.
+import atexit
 import inspect
+import sys
+from collections import Counter
 from pathlib import Path
 
 from snakemake.common import overwrite_function_params
 from snakemake.exceptions import WorkflowError
 
-from ltstudy.config import ConfigError, read_yaml, validate_study
+from ltstudy.config import ConfigError, deep_merge, numbers_as_read, read_yaml, validate_study
 from ltstudy.launch import launch
 from ltstudy.results.schemas import RUN_FILES, STAGE_OUTPUTS, TABLE_STAGE, TABLES
 
 try:
-    # Snakemake's YAML loader keeps the last of two equal keys: read the files again with
-    # ours, which names the duplicate's file and line.
+    # Snakemake's YAML loader keeps the last of two equal keys and reads 2e-3 as a string:
+    # read the files again with ours, which names the duplicate's file and line.
+    _read = {}
     for _path in workflow.configfiles:
-        read_yaml(_path)
-    CONFIG, RUNS = validate_study(config, source="config")
+        _read = deep_merge(_read, read_yaml(_path))
+    CONFIG, RUNS = validate_study(numbers_as_read(config, _read), source="config")
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
 
@@ -148,3 +152,56 @@ def launch_run_stage(stage, wildcards, output, resources):
         resources=launcher_resources(resources, s["resources"][group]),
         launcher=CONFIG["launcher"],
     )
+
+
+def slurm_jobs_to_submit():
+    """(job, the partition and account it would be submitted with) of every job of this run
+    that submits a Slurm job: what the Snakefile's onstart checks before any is submitted."""
+    for job in workflow.dag.needrun_jobs():
+        if "slurm_jobs" not in job.resources.keys():
+            continue
+        if job.rule.name == "prepare_data":
+            yield f"prepare_data {job.wildcards.data_id}", launcher_resources(
+                job.resources, DATA_RESOURCES
+            )
+        else:
+            group = "train" if job.rule.name == "train" else "evaluate"
+            configured = spec(job.wildcards)["resources"][group]
+            label = f"{job.rule.name} {job.wildcards.study}/{job.wildcards.run}"
+            yield label, launcher_resources(job.resources, configured)
+
+
+def jobs_per_study(jobs):
+    """A table of `jobs` per study (rows) and stage (columns), with totals."""
+    counts = {}
+    for job in jobs:
+        if "study" in job.wildcards.keys():
+            counts.setdefault(job.wildcards.study, Counter())[job.rule.name] += 1
+    if not counts:
+        return ""
+    stages = [s for s in STAGE_OUTPUTS if any(c[s] for c in counts.values())]
+    header = ["study", *stages, "total"]
+    rows = [[study, *(str(c[s]) for s in stages), str(c.total())] for study, c in counts.items()]
+    totals = ["total", *(str(sum(c[s] for c in counts.values())) for s in stages)]
+    rows.append([*totals, str(sum(c.total() for c in counts.values()))])
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join([row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:], widths[1:]))])
+        for row in [header, *rows]
+    ]
+    return "\n".join(["Jobs per study:", lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def print_jobs_per_study():
+    """End a dry run with its jobs per study: the profiles' `quiet: [rules]` leave out the
+    line per job (thousands in the full study), and Snakemake's own table counts per rule.
+    At exit, as Snakemake has no hook after a dry run."""
+    dag = getattr(workflow, "dag", None)
+    if workflow.dryrun and dag is not None:
+        table = jobs_per_study(dag.needrun_jobs(exclude_finished=False))
+        if table:
+            print(f"\n{table}", file=sys.stderr, flush=True)
+
+
+if workflow.exec_mode.name == "DEFAULT":
+    atexit.register(print_jobs_per_study)

@@ -60,9 +60,12 @@ rule lm_eval:
         launch_run_stage("lm_eval", wildcards, output, resources)
 
 
+# Throughput is measured alone: outside a cluster the rule holds every core Snakemake has, so no
+# training or evaluation job shares the machine while it times (on Slurm each job has its node).
 rule throughput:
     output:
         **outputs_of("throughput"),
+    threads: 1 if CONFIG["launcher"] == "slurm" else workflow.cores
     params:
         settings=from_spec("evaluate", "throughput"),
         model=from_spec("model"),
