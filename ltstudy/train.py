@@ -107,13 +107,6 @@ class StopSignals:
         requeue(signum, self._previous.get(signal.SIGUSR2))
 
 
-def _format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
 def make_optimizer(model: torch.nn.Module, train: Mapping[str, Any]) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -402,8 +395,8 @@ def _train(
                 rate = (time.perf_counter() - segment_start) / segment_steps
                 log(
                     f"step {done}/{steps} loss {loss:.4f} lr {lr:.2e} grad {grad_norm:.2f} "
-                    f"{seq_tokens / dt:,.0f} tok/s elapsed {_format_duration(elapsed)} "
-                    f"eta {_format_duration(rate * (steps - done))}"
+                    f"{seq_tokens / dt:,.0f} tok/s elapsed {progress.format_duration(elapsed)} "
+                    f"eta {progress.format_duration(rate * (steps - done))}"
                 )
             stopping = world.sum(float(stop.received is not None)) > 0
             if stopping:
@@ -437,7 +430,7 @@ def _train(
     if world.is_main:
         write_table("train_curves", curve, paths["curve"])
         remove_checkpoints(paths["checkpoints"])
-    log(f"done: final loss {final:.4f} in {_format_duration(elapsed)}")
+    log(f"done: final loss {final:.4f} in {progress.format_duration(elapsed)}")
     return {
         "steps": steps,
         "tokens": steps * seq_tokens,
