@@ -881,6 +881,7 @@ def resolve_run(
     spec = {
         "run_id": run_id,
         "study": study["name"],
+        "description": " ".join(study.get("description", "").split()),  # not in the hash
         "name": name,
         **identity,
         "evaluate": evaluate,

@@ -111,7 +111,7 @@ def format_count(progress: Mapping[str, Any]) -> str:
     unknown."""
     done, total, unit = progress["done"], progress["total"], progress["unit"]
     if not total:
-        return f"{done:,} {unit}"
+        return f"{done:,} {unit.removesuffix('s') if done == 1 else unit}"
     share = f"({100 * done / total:.0f}%)"
     if unit == "steps":
         return f"step {done}/{total} {share}"

@@ -227,6 +227,8 @@ def forward_backward(
     loss_sum = 0.0
     batch, context = share.span(batch)
     for part, marked, pad in zip(*(x.to(device).split(share.micro) for x in batch), strict=True):
+        if context is None:
+            part, marked, pad = without_trailing_padding(part, marked, pad)
         with autocast(device, cfg["dtype"]):
             losses = model.token_losses(part[:, :-1], part[:, 1:], context=context)
         token_sum = (losses * ~pad[:, 1:]).sum()
@@ -237,6 +239,16 @@ def forward_backward(
         (objective * share.ranks).backward()
         loss_sum += token_sum.item()
     return loss_sum
+
+
+def without_trailing_padding(*rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Drop the columns that are padding in every row (the last of `rows` is the padding
+    mask): one-document windows are padded to the context, and a causal model computes
+    nothing from those columns that earlier positions see."""
+    padding = rows[-1]
+    used = int((~padding).sum(dim=1).max()) if padding.any() else padding.shape[1]
+    keep = max(used, 2)  # at least one input and its label
+    return tuple(x[:, :keep] for x in rows)
 
 
 def batch_counts(batch: Batch, world: World) -> tuple[float, float]:

@@ -41,6 +41,8 @@ def test_shipped_configs_are_valid():
         }
         assert spec["train"]["windows"] == "one_document" and spec["train"]["schedule"] == "wsd"
         assert max(spec["evaluate"]["passkey"]["lengths"]) > spec["context"]
+    # swa continues from full's weights: the window is the only difference
+    assert retrieval["swa"]["train"]["init_from"] == retrieval["full"]["run_id"]
     full = expand_runs(load_config(ROOT / "config" / "config.yaml"))
     sizes = {s["size"] for s in full.values()}
     contexts = {s["context"] for s in full.values()}

@@ -17,7 +17,7 @@ from ltstudy.evaluate.perplexity import evaluate_perplexity
 from ltstudy.io import write_json
 from ltstudy.jobs import run_stage
 from ltstudy.launch import status_path
-from ltstudy.progress import progress_line, read_progress, recording, update
+from ltstudy.progress import format_count, progress_line, read_progress, recording, update
 from tests.conftest import MICRO_CONFIG, launch_stage, micro_spec, write_config
 
 STEPS = 300  # a few seconds of micro training: long enough to be seen mid-run
@@ -35,6 +35,9 @@ def test_progress_line_and_throttled_writes(tmp_path):
     assert last["done"] == 2 and last["loss"] == 2.5 and last["rate"] > 0 and last["eta_s"] > 0
     line = progress_line("demo/run", {**last, "eta_s": 72.0}, now=last["updated"])
     assert line == "[ltstudy] demo/run train: step 2/120 (2%) loss 2.5000, eta 1m12s"
+    unknown = {"done": 1, "total": None, "unit": "documents"}
+    assert format_count(unknown) == "1 document"
+    assert format_count({**unknown, "done": 1200}) == "1,200 documents"
     update(3, 120, "steps")  # outside a recording (another rank, a test): no file, no error
     assert read_progress(tmp_path, "train")["done"] == 2
     assert read_progress(tmp_path, "perplexity") is None

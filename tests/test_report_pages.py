@@ -23,6 +23,7 @@ def spec(study: str, name: str, variant: str, chunk: int | None = None, **model)
     return {
         "run_id": f"{study}/{name}",
         "run_dir": f"results/runs/{study}/{name}",
+        "description": f"what {study} is for",
         "model": {"variant": variant, "d_model": 32, "ttt": ttt, **model},
         "train": {"steps": 10, "lr": 1e-3},
     }
@@ -129,6 +130,7 @@ def test_index_counts_statuses_and_gpu_hours_per_study(built):
     assert re.search(rf'<a href="demo.html">demo</a></td><td[^>]*>{cells}</td>', studies)
     assert "GPU-hours" in studies and "gpu_hours" not in studies
     assert "ruler: out of memory" in text.split("<h2>Failed runs</h2>")[1]
+    assert "<p>what demo is for</p>" in (reports / "demo.html").read_text()
 
 
 def test_study_axis_is_the_setting_a_study_varies(tmp_path):
@@ -253,3 +255,15 @@ def test_cli_report_takes_a_baseline_and_exports(tmp_path, capsys):
     assert "--baseline 'demo/nope': no such run" in capsys.readouterr().err
     assert main([*args, "--export", "svg", "--out", str(tmp_path / "svg")]) == 0
     assert len(list((tmp_path / "svg").glob("*.svg"))) > 20
+
+
+def test_parameter_counts_keep_three_digits_at_every_scale():
+    from ltstudy.report.layout import parameter_count
+
+    assert [parameter_count(n) for n in (12, 31_415, 999_600, 503_000_000, 14_2 * 10**8)] == [
+        "12",
+        "31.4K",
+        "1M",
+        "503M",
+        "14.2B",
+    ]

@@ -90,6 +90,17 @@ def test_one_document_windows_leave_padding_out_of_the_loss(tmp_path, micro_raw)
     assert pl.read_parquet(run_paths(spec)["curve"])["loss"][0] == pytest.approx(real, rel=1e-5)
 
 
+def test_trailing_padding_columns_are_dropped_and_nothing_else():
+    from ltstudy.train import without_trailing_padding
+
+    padding = torch.tensor([[False, False, True, True, True], [False, False, False, True, True]])
+    tokens = torch.arange(10).reshape(2, 5)
+    kept, mask = without_trailing_padding(tokens, padding)
+    assert torch.equal(kept, tokens[:, :3]) and torch.equal(mask, padding[:, :3])
+    full = torch.zeros(2, 5, dtype=torch.bool)  # random windows: no padding, nothing dropped
+    assert without_trailing_padding(tokens, full)[0].shape == (2, 5)
+
+
 def test_answer_loss_weight_trains_on_marked_answers(tmp_path, micro_raw):
     """With the weight, the marked answers (passkey keys) get the gradient: their loss falls
     faster than under plain next-token loss from the same start."""

@@ -114,8 +114,17 @@ def _format(value: object, column: str) -> str:
             return f"{value:,.2f}"
         return f"{value:.3f}"
     if column == "params" and isinstance(value, int):
-        return f"{value / 1e6:,.1f}M"
+        return parameter_count(value)
     return html.escape(str(value))
+
+
+def parameter_count(n: int) -> str:
+    """A count with 3 significant digits and a K/M/B suffix (31.4K, 503M, 14.2B): tiny models
+    do not read as 0.0M beside large ones."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= 0.9995 * scale:
+            return f"{n / scale:.3g}{suffix}"
+    return str(n)
 
 
 def html_table(frame: pl.DataFrame, links: dict[str, dict[str, str]] | None = None) -> str:

@@ -179,8 +179,11 @@ def study_page(study: str, t: dict[str, pl.DataFrame], board: pl.DataFrame) -> P
         f"{n} {s}" for s, n in runs.group_by("status").len().sort("status").iter_rows()
     )
     gpu_hours = runs["gpu_hours"].sum() or 0.0
+    described = runs.select(pl.col("config").str.json_path_match("$.description")).to_series()
+    description = next((d for d in described if d), "")
     page.intro = (
-        f'<p class="note">{runs.height} runs ({html.escape(counts)}); {gpu_hours:,.2f} '
+        (f"<p>{html.escape(description)}</p>" if description else "")
+        + f'<p class="note">{runs.height} runs ({html.escape(counts)}); {gpu_hours:,.2f} '
         f"GPU-hours. The study varies <b>{html.escape(title)}</b>.</p>"
     )
     table = board.drop("study")
@@ -423,14 +426,14 @@ def compare_page(t: dict[str, pl.DataFrame], baseline: str | None) -> Page:
             "delta",
             "perplexity Δ",
             f"evaluation length ({unit})",
-            "rope",
+            "position",
         ),
     )
     page.section(
         "Passkey accuracy difference per length",
         "Accuracy of the run minus its reference (above 0: the run retrieves more).",
         chart=views.delta_lines(
-            d["passkey"], "length", "delta", "accuracy Δ", f"prompt length ({unit})", "rope"
+            d["passkey"], "length", "delta", "accuracy Δ", f"prompt length ({unit})", "position"
         ),
     )
     page.section(

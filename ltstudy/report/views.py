@@ -19,6 +19,7 @@ from ltstudy.report.charts import (
     powers_of_two,
     tokens_axis,
     variant_color,
+    with_position,
 )
 
 # Leaderboard columns drawn against a study's axis, with their titles.
@@ -155,20 +156,27 @@ def axis_chart(board: pl.DataFrame, axis: pl.DataFrame, title: str, kind: str) -
         for f in ("size", "context")
         if data[f].n_unique() > 1 and not (data[f].cast(pl.String) == data["axis"]).all()
     ]
-    mark = (
-        alt.Chart(data).mark_bar() if title == "variant" else alt.Chart(data).mark_line(point=True)
+    base = alt.Chart().encode(
+        x=x,
+        y=alt.Y("value:Q", scale=alt.Scale(zero=title == "variant"), title=None),
+        tooltip=["run_id", "axis", "metric", alt.Tooltip("value:Q", format=",.4g")],
+    )
+    colored = {
+        "color": variant_color(data["variant"].unique()),
+        "detail": [f"{f}:N" for f in others],
+    }
+    marks = base.mark_bar() if title == "variant" else base.mark_line(point=True)
+    # every value written on its mark: an all-zero metric (no retrieval yet) reads as zeros,
+    # not as an empty panel
+    labels = base.mark_text(dy=-6, fontSize=9, color="#333").encode(
+        text=alt.Text("value:Q", format=".3~s")
     )
     return (
-        mark.encode(
-            x=x,
-            y=alt.Y("value:Q", scale=alt.Scale(zero=title == "variant"), title=None),
-            color=variant_color(data["variant"].unique()),
-            detail=[f"{f}:N" for f in others],
-            tooltip=["run_id", "axis", "metric", alt.Tooltip("value:Q", format=",.4g")],
-        )
+        alt.layer(marks.encode(**colored), labels, data=data)
         .properties(width=PAGE_WIDTH // 3 - PANEL_MARGIN - 40, height=180)  # 40: the legend
         .facet(facet=alt.Facet("metric:N", title=None, sort=list(METRICS.values())), columns=3)
         .resolve_scale(y="independent")
+        .resolve_axis(x="independent")  # each panel its own axis: no axis under an empty slot
     )
 
 
@@ -200,10 +208,10 @@ def _paired(frame: pl.DataFrame, pairs: pl.DataFrame, on: list[str], value: str)
 def deltas(t: dict[str, pl.DataFrame], pairs: pl.DataFrame) -> dict[str, pl.DataFrame]:
     """Run minus reference for perplexity per length, passkey accuracy per length and RULER
     score per task and length; run over reference for throughput per mode and length."""
-    stride = t["perplexity"].filter(pl.col("protocol") == "stride")
+    stride = with_position(t["perplexity"].filter(pl.col("protocol") == "stride"))
     passkey = (
-        t["passkey"]
-        .group_by("run_id", "length", "rope")
+        with_position(t["passkey"])
+        .group_by("run_id", "length", "position")
         .agg(pl.col("correct").mean().alias("accuracy"))
     )
     ruler = (
@@ -214,10 +222,10 @@ def deltas(t: dict[str, pl.DataFrame], pairs: pl.DataFrame) -> dict[str, pl.Data
     )
     speed = t["throughput"].filter(pl.col("status") == "ok")
     return {
-        "perplexity": _paired(stride, pairs, ["length", "rope"], "ppl").with_columns(
+        "perplexity": _paired(stride, pairs, ["length", "position"], "ppl").with_columns(
             (pl.col("ppl") - pl.col("ref")).alias("delta")
         ),
-        "passkey": _paired(passkey, pairs, ["length", "rope"], "accuracy").with_columns(
+        "passkey": _paired(passkey, pairs, ["length", "position"], "accuracy").with_columns(
             (pl.col("accuracy") - pl.col("ref")).alias("delta")
         ),
         "ruler": _paired(ruler, pairs, ["task", "length"], "score").with_columns(

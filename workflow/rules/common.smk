@@ -10,6 +10,7 @@ from snakemake.exceptions import WorkflowError
 
 from ltstudy.config import ConfigError, deep_merge, numbers_as_read, read_yaml, validate_study
 from ltstudy.launch import launch
+from ltstudy.plan import parameter_counts, train_flops
 from ltstudy.results.schemas import RUN_FILES, STAGE_OUTPUTS, TABLE_STAGE, TABLES
 
 try:
@@ -22,6 +23,12 @@ try:
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
 
+# Each trained run's FLOPs (the planner's count): the training order (train.smk).
+TRAIN_FLOPS = {
+    run_id: train_flops(s, parameter_counts(s["model"])["total"], "none")
+    for run_id, s in RUNS.items()
+    if "train" in s["stages"]
+}
 RESULTS = CONFIG["results_dir"]
 REPORTS = CONFIG["reports_dir"]
 # Each distinct data configuration (corpus + tokenizer) is tokenized once, in its own folder.

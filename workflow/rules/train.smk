@@ -1,13 +1,20 @@
 # Train one run (resuming from its checkpoint if an earlier attempt was interrupted).
 
 
+@per_job
+def longest_first(wildcards):
+    """Training before evaluation (2), and the runs with the most FLOPs first: a long run
+    started last holds the whole study up while the other cores idle."""
+    return 3 + TRAIN_FLOPS[f"{wildcards.study}/{wildcards.run}"] / max(TRAIN_FLOPS.values())
+
+
 rule train:
     input:
         manifest=run_manifest,
         init=per_job(lambda wildcards: [f"{d}/model.safetensors" for d in [spec(wildcards).get("init_from_dir")] if d]),
     output:
         **outputs_of("train"),
-    priority: 3
+    priority: longest_first
     params:
         config_hash=from_spec("config_hash"),
     resources:
