@@ -238,8 +238,9 @@ def test_a_context_grid_draws_a_line_per_variant_and_size():
     title, kind, axis = views.study_axis(board)
     assert (title, kind) == ("training context (tokens)", "log")
     spec = views.axis_chart(board, axis, title, kind).to_dict()
-    assert spec["spec"]["encoding"]["detail"] == [{"field": "size", "type": "nominal"}]
-    assert spec["spec"]["mark"]["type"] == "line"
+    lines, labels = spec["spec"]["layer"]  # the lines, and each value written on its point
+    assert lines["encoding"]["detail"] == [{"field": "size", "type": "nominal"}]
+    assert lines["mark"]["type"] == "line" and labels["mark"]["type"] == "text"
 
 
 def test_cli_report_takes_a_baseline_and_exports(tmp_path, capsys):
@@ -267,3 +268,18 @@ def test_parameter_counts_keep_three_digits_at_every_scale():
         "503M",
         "14.2B",
     ]
+
+
+def test_sections_of_stages_no_run_has_are_left_out(tmp_path):
+    fake_results(tmp_path / "results")
+    runs = pl.read_parquet(tmp_path / "results" / "runs.parquet")
+    passkey_only = pl.col("config").map_elements(
+        lambda c: json.dumps({**json.loads(c), "stages": ["train", "passkey"]}),
+        return_dtype=pl.String,
+    )
+    write_table("runs", runs.with_columns(passkey_only), tmp_path / "results" / "runs.parquet")
+    build_report(tmp_path / "results", tmp_path / "reports")
+    text = (tmp_path / "reports" / "demo.html").read_text()
+    assert "<h2>Passkey retrieval</h2>" in text and "<h2>Training curves</h2>" in text
+    for absent in ("Perplexity vs evaluation length", "RULER by task", "Throughput vs context"):
+        assert f"<h2>{absent}</h2>" not in text

@@ -60,61 +60,81 @@ def overview_sections(page: Page, t: dict[str, pl.DataFrame]) -> None:
     its runs; a run page: the run)."""
     runs = t["runs"]
     lm_eval = charts.lm_eval_scores(t["lm_eval"])
-    page.section(
+    stages = planned_stages(runs)
+    # a section for a stage none of these runs has (a passkey-only study's perplexity) is left
+    # out rather than shown as waiting for results
+    section = {
+        stage: page.section if stages is None or stage in stages else lambda *a, **k: None
+        for stage in ("train", "perplexity", "passkey", "ruler", "lm_eval", "throughput")
+    }
+    section["perplexity"](
         "Perplexity vs evaluation length",
         "Sliding-window (stride) perplexity. Lengths beyond the training context test "
         "extrapolation; dashed lines use a position extension.",
         chart=charts.perplexity_vs_length(t["perplexity"], "stride", runs),
     )
-    page.section(
+    section["perplexity"](
         "Perplexity of a fixed final block",
         "The paper's protocol: perplexity of the last block of long validation documents as "
         "the context before it grows (the window, context and block together, is the "
         "evaluation length).",
         chart=charts.perplexity_vs_length(t["perplexity"], "final_block", runs),
     )
-    page.section(
+    section["perplexity"](
         "Loss by token position",
         "Mean loss per position bucket over long validation documents, at each run's longest "
         "evaluated length.",
         chart=charts.loss_by_position(t["position_loss"], runs),
     )
-    page.section(
+    section["passkey"](
         "Passkey retrieval",
         "Accuracy per prompt length and needle depth (exact match of the first generated integer).",
         chart=charts.passkey_heatmaps(t["passkey"], runs),
     )
-    page.section(
+    section["passkey"](
         "Passkey accuracy by needle distance",
         "Accuracy against how many tokens back the needle lies (bucketed by powers of two; "
         "prompts within each run's training context, its own positions). A sliding window "
         "falls to chance once the needle is out of its reach.",
         chart=charts.passkey_by_distance(t["passkey"], runs),
     )
-    page.section(
+    section["ruler"](
         "RULER by task",
         "Mean score per task (RULER's string match) and length." + _skipped(t["ruler"]),
         chart=charts.ruler_by_task(t["ruler"], runs),
     )
-    page.section(
+    section["lm_eval"](
         "Short-context tasks (lm-evaluation-harness)",
         "Accuracy (acc) and length-normalised accuracy (acc_norm) in percent per task, as the "
         "paper's Table 3 reports HellaSwag, ARC-E/C, MMLU and PIQA." + _skipped(t["lm_eval"]),
         table=html_table(lm_eval) if lm_eval.height else None,
         chart=charts.lm_eval_by_task(lm_eval),
     )
-    page.section(
+    section["throughput"](
         "Throughput vs context",
         "Median tokens/s of a training step (forward + backward), of prefill and of decoding, "
         "random weights; log-log. MFU (PaLM/torchtitan FLOPs over the datasheet, measured or "
         "given peak) is in the tooltips.",
         chart=charts.throughput_vs_context(t["throughput"], runs),
     )
-    page.section(
+    section["train"](
         "Training curves",
         "Training loss per optimizer step.",
         chart=charts.training_curves(t["train_curves"], runs),
     )
+
+
+def planned_stages(runs: pl.DataFrame) -> set[str] | None:
+    """The stages any of `runs` has in its config; None when a run's config does not say."""
+    if "config" not in runs.columns:
+        return None
+    stages: set[str] = set()
+    for config in runs["config"]:
+        planned = views.run_config(config).get("stages")
+        if planned is None:
+            return None
+        stages.update(planned)
+    return stages
 
 
 def study_summary(runs: pl.DataFrame) -> pl.DataFrame:
