@@ -61,11 +61,15 @@ def overview_sections(page: Page, t: dict[str, pl.DataFrame]) -> None:
     runs = t["runs"]
     lm_eval = charts.lm_eval_scores(t["lm_eval"])
     stages = planned_stages(runs)
-    # a section for a stage none of these runs has (a passkey-only study's perplexity) is left
-    # out rather than shown as waiting for results
+    # a section for a stage none of these runs has (a passkey-only study's perplexity) and with
+    # no results is left out rather than shown as waiting for them
+    tables = {"train": "train_curves", "perplexity": "perplexity", "passkey": "passkey"}
+    tables |= {"ruler": "ruler", "lm_eval": "lm_eval", "throughput": "throughput"}
     section = {
-        stage: page.section if stages is None or stage in stages else lambda *a, **k: None
-        for stage in ("train", "perplexity", "passkey", "ruler", "lm_eval", "throughput")
+        stage: page.section
+        if stages is None or stage in stages or t[table].height
+        else lambda *a, **k: None
+        for stage, table in tables.items()
     }
     section["perplexity"](
         "Perplexity vs evaluation length",
@@ -126,7 +130,7 @@ def overview_sections(page: Page, t: dict[str, pl.DataFrame]) -> None:
 
 def planned_stages(runs: pl.DataFrame) -> set[str] | None:
     """The stages any of `runs` has in its config; None when a run's config does not say."""
-    if "config" not in runs.columns:
+    if "config" not in runs.columns or not runs.height:
         return None
     stages: set[str] = set()
     for config in runs["config"]:
