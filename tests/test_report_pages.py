@@ -286,3 +286,12 @@ def test_sections_of_stages_no_run_has_are_left_out(tmp_path):
     assert "<h2>Throughput vs context</h2>" in text  # results are shown whatever the stages
     for absent in ("Perplexity vs evaluation length", "RULER by task"):
         assert f"<h2>{absent}</h2>" not in text
+
+
+def test_the_same_tables_give_the_same_pages(tmp_path):
+    fake_results(tmp_path / "results")
+    for name in ("a", "b"):
+        build_report(tmp_path / "results", tmp_path / name)
+    pages = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.html"))
+    for page in pages:
+        assert (tmp_path / "a" / page).read_text() == (tmp_path / "b" / page).read_text(), page

@@ -590,7 +590,10 @@ def passkey_cells(passkey: pl.DataFrame) -> pl.DataFrame:
     whose cells are all zero on the same grid share one panel, named by all of them."""
     cells = (
         with_position(passkey)
-        .group_by("run_id", "study", "variant", "position", "rope", "length", "depth")
+        .sort("run_id", "rope", "length", "depth")  # the same page from the same tables
+        .group_by(
+            "run_id", "study", "variant", "position", "rope", "length", "depth", maintain_order=True
+        )
         .agg(pl.col("correct").sum().alias("correct"), pl.len().alias("trials"))
         .with_columns(
             (100 * pl.col("correct") / pl.col("trials")).alias("accuracy"),
@@ -704,7 +707,7 @@ def passkey_by_distance(
         .group_by("run_id", "variant", "study", "from")
         .agg((100 * pl.col("correct").mean()).alias("accuracy"), pl.len().alias("trials"))
     )
-    data = seed_mean(buckets, "accuracy", ["study", "variant", "from"]).sort("from")
+    data = seed_mean(buckets, "accuracy", ["study", "variant", "from"]).sort("from", "series")
     unit = token_unit(runs)
     tooltip = [
         alt.Tooltip("series", title="run"),

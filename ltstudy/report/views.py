@@ -201,7 +201,10 @@ def _paired(frame: pl.DataFrame, pairs: pl.DataFrame, on: list[str], value: str)
     ours = frame.select("run_id", *on, value)
     theirs = frame.select(pl.col("run_id").alias("reference"), *on, pl.col(value).alias("ref"))
     return (
-        pairs.join(ours, on="run_id").join(theirs, on=["reference", *on]).drop_nulls([value, "ref"])
+        pairs.join(ours, on="run_id")
+        .join(theirs, on=["reference", *on])
+        .drop_nulls([value, "ref"])
+        .sort("run_id", "reference", *on)  # the same page from the same tables
     )
 
 
