@@ -23,12 +23,14 @@ try:
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
 
-# Each trained run's FLOPs (the planner's count): the training order (train.smk).
-TRAIN_FLOPS = {
+# Each trained run's FLOPs (the planner's count) as a share of the largest: the training order
+# (train.smk), computed once rather than per job.
+_TRAIN_FLOPS = {
     run_id: train_flops(s, parameter_counts(s["model"])["total"], "none")
     for run_id, s in RUNS.items()
     if "train" in s["stages"]
 }
+TRAIN_SHARE = {r: f / max(_TRAIN_FLOPS.values()) for r, f in _TRAIN_FLOPS.items()}
 RESULTS = CONFIG["results_dir"]
 REPORTS = CONFIG["reports_dir"]
 # Each distinct data configuration (corpus + tokenizer) is tokenized once, in its own folder.

@@ -5,7 +5,7 @@
 def longest_first(wildcards):
     """Training before evaluation (2), and the runs with the most FLOPs first: a long run
     started last holds the whole study up while the other cores idle."""
-    return 3 + TRAIN_FLOPS[f"{wildcards.study}/{wildcards.run}"] / max(TRAIN_FLOPS.values())
+    return 3 + TRAIN_SHARE[f"{wildcards.study}/{wildcards.run}"]
 
 
 rule train:
