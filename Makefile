@@ -1,13 +1,15 @@
 # ltstudy: `make demo` runs the CPU demo study, `make test` the test suite.
 # Both create .venv with pinned dependencies first. On Linux torch is the CPU build, from
 # PyTorch's CPU index (PyPI's Linux wheel carries CUDA: gigabytes a laptop does not need); a
-# local wheel of that build (pip's find-links) is used where there is one. GPU users: install
-# the build for your CUDA, e.g.
-#   make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# local wheel of that build (pip's find-links) is used where there is one. Triton comes beside
+# it: the tests run our kernels on the CPU under its interpreter. GPU users: install the build
+# for your CUDA (it brings the Triton it was built with), and flash-linear-attention for the
+# linear variants' kernels, e.g.
+#   make setup TORCH_SPEC="torch==2.13.0 fla-core==0.6.0 --index-url https://download.pytorch.org/whl/cu128 --extra-index-url https://pypi.org/simple"
 PYTHON ?= python3
 VENV ?= .venv
 ifeq ($(shell uname -s),Linux)
-TORCH_SPEC ?= torch==2.13.0+cpu --extra-index-url https://download.pytorch.org/whl/cpu --retries 2
+TORCH_SPEC ?= torch==2.13.0+cpu triton==3.9.0 --extra-index-url https://download.pytorch.org/whl/cpu --retries 2
 else
 TORCH_SPEC ?= torch==2.13.0
 endif

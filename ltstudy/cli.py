@@ -19,8 +19,12 @@ unlock [--directory D]    clear the lock a killed Snakemake left behind, once no
 report [--results R] [--reports P] [--baseline RUN]   rebuild the HTML report (index, a page
                           per study, run and run's samples, compare.html) from results tables;
                           --export svg|png [--out DIR]: every chart as a file (reports/export)
-throughput [--variants ...] [--sizes ...] [--contexts ...]   benchmark on random weights:
-                          print a table, write results/benchmarks/throughput-<device>.{parquet,md}
+throughput [--variants ...] [--sizes ...] [--contexts ...] [--kernels ...]   benchmark on
+                          random weights: print a table, write
+                          results/benchmarks/throughput-<device>.{parquet,md}
+ops [--variants ...] [--sizes ...] [--contexts ...]   each op's fast path (Triton, fla,
+                          FlexAttention) against its torch reference, one layer's shapes:
+                          results/benchmarks/ops-<device>.{parquet,md}
 plan [CONFIG]             every training run's layout (nodes x GPUs, data x context degree,
                           checkpointing, micro-batch), peak memory per GPU and GPU-hours; each
                           evaluation length's context degree and memory per GPU
@@ -152,9 +156,7 @@ def cmd_throughput(args: argparse.Namespace) -> int:
     from ltstudy.config import context_label
     from ltstudy.device import device_name, pick_device
     from ltstudy.evaluate.throughput import benchmark
-    from ltstudy.io import atomic_path
     from ltstudy.models.presets import resolve_model
-    from ltstudy.results.schemas import write_table
 
     device = pick_device()
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
@@ -172,64 +174,134 @@ def cmd_throughput(args: argparse.Namespace) -> int:
     }
     specs = [
         {
-            "run_id": f"benchmark/{variant}-{size}",
+            "run_id": f"benchmark/{variant}-{size}-{kernels}",
             "study": "benchmark",
             "variant": variant,
             "size": size,
             "context": context,
             "seed": 0,
-            "model": resolve_model(variant, size, settings["model"], context=context),
+            "model": resolve_model(
+                variant, size, {**settings["model"], "kernels": kernels}, context=context
+            ),
             "train": {"dtype": dtype},
             "evaluate": {"throughput": throughput},
         }
         for size in args.sizes
         for variant in args.variants
+        for kernels in args.kernels
     ]
     if device.type == "cpu":
         torch.set_num_threads(args.threads or torch.get_num_threads())
-    frame = benchmark(specs, args.peak_tflops)
     header = (
-        f"{'variant':<10} {'size':<6} {'context':>8} {'mode':<8} {'tokens/s':>12} "
-        f"{'spread %':>8} {'memory MB':>10} {'MFU %':>7} {'peak TFLOP/s':>12} {'peak from':<9}"
+        f"{'variant':<10} {'size':<6} {'kernels':<9} {'context':>8} {'mode':<8} "
+        f"{'tokens/s':>12} {'spread %':>8} {'memory MB':>10} {'MFU %':>7} {'peak TFLOP/s':>12} "
+        f"{'peak from':<9}"
     )
     lines = [
         f"# throughput on {device_name(device)} ({dtype}, batch {args.batch_size})",
         "",
         "MFU: FLOPs per token by the PaLM/torchtitan count (train 6·N + 12·L·H·Q·T) over the "
         "peak, from the GPU's datasheet (dense bf16), measured (a matmul) or given. Spread: "
-        "(fastest - slowest repeat) / median.",
+        "(fastest - slowest repeat) / median. Kernels: the `model.kernels` setting (auto: the "
+        "fast kernels on a GPU, the torch forms on the CPU).",
         "",
         "```",
         header,
     ]
-    for row in frame.iter_rows(named=True):
-        ok = row["status"] == "ok"
-        speed = f"{row['tokens_per_s']:>12,.0f}" if ok else f"{'OOM':>12}"
-        if ok:
-            spread = (row["tokens_per_s_max"] - row["tokens_per_s_min"]) / row["tokens_per_s"]
-            speed += f" {100 * spread:>8.1f}"
-        else:
-            speed += f" {'-':>8}"
-        memory = f"{row['peak_memory_mb']:>10,.0f}" if ok else f"{'-':>10}"
-        mfu = f"{100 * row['mfu']:>7.2f}" if ok else f"{'-':>7}"
-        lines.append(
-            f"{row['variant']:<10} {row['size']:<6} {context_label(row['seq_len']):>8} "
-            f"{row['mode']:<8} {speed} {memory} {mfu} {row['peak_tflops']:>12.4g} "
-            f"{row['peak_source']:<9}"
-        )
+    print(header, flush=True)
+    rows = []
+    for spec in specs:
+        for row in benchmark([spec], args.peak_tflops):
+            row["kernels"] = spec["model"]["kernels"]
+            rows.append(row)
+            ok = row["status"] == "ok"
+            speed = f"{row['tokens_per_s']:>12,.0f}" if ok else f"{'OOM':>12}"
+            if ok:
+                spread = (row["tokens_per_s_max"] - row["tokens_per_s_min"]) / row["tokens_per_s"]
+                speed += f" {100 * spread:>8.1f}"
+            else:
+                speed += f" {'-':>8}"
+            memory = f"{row['peak_memory_mb']:>10,.0f}" if ok else f"{'-':>10}"
+            mfu = f"{100 * row['mfu']:>7.2f}" if ok else f"{'-':>7}"
+            lines.append(
+                f"{row['variant']:<10} {row['size']:<6} {row['kernels']:<9} "
+                f"{context_label(row['seq_len']):>8} {row['mode']:<8} {speed} {memory} {mfu} "
+                f"{row['peak_tflops']:>12.4g} {row['peak_source']:<9}"
+            )
+            print(lines[-1], flush=True)
     lines.append("```")
-    print("\n".join(lines[5:-1]))
-    slug = "".join(c if c.isalnum() else "-" for c in device_name(device).lower()).strip("-")
-    committed = Path(args.out) / f"throughput-{slug}"
-    stamped = committed.with_name(f"{committed.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    out = committed if args.replace else stamped
-    write_table("throughput", frame, out.with_suffix(".parquet"))
+    out = benchmark_path(args, f"throughput-{slug(device_name(device))}")
+    write_benchmark(rows, out, lines)
+    return 0
+
+
+def cmd_ops(args: argparse.Namespace) -> int:
+    import torch
+
+    from ltstudy.device import device_name, pick_device
+    from ltstudy.models.presets import resolve_model
+    from ltstudy.plan.op_speed import HEADER, fast_paths_available, op_rows
+
+    device = pick_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    settings = default_settings()["model"]
+    models = {
+        f"{variant}/{size}": resolve_model(variant, size, settings, context=max(args.contexts))
+        for size in args.sizes
+        for variant in args.variants
+    }
+    lines = [
+        f"# each op's fast path against its torch reference on {device_name(device)} "
+        f"({str(dtype).removeprefix('torch.')}, batch 1)",
+        "",
+        "Milliseconds per call of one layer's op: train = forward + backward, prefill = "
+        "forward. ref/fast: how many times faster the fast path is.",
+        "",
+    ]
+    skipped = fast_paths_available(device)
+    if skipped:
+        print(skipped, flush=True)
+        lines += [skipped, ""]
+    lines += ["```", HEADER]
+    print(HEADER, flush=True)
+
+    def log(line: str) -> None:
+        lines.append(line)
+        print(line, flush=True)
+
+    rows = op_rows(models, args.contexts, args.modes, device, dtype, args.repeats, log)
+    lines.append("```")
+    write_benchmark(rows, benchmark_path(args, f"ops-{slug(device_name(device))}"), lines)
+    return 0
+
+
+def slug(name: str) -> str:
+    """A device name as part of a file name: nvidia-h200, cpu."""
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def benchmark_path(args: argparse.Namespace, name: str) -> Path:
+    """results/benchmarks/<name> with --replace (the committed table), else a dated copy."""
+    committed = Path(args.out) / name
+    if args.replace:
+        return committed
+    print(f"(the committed {committed}.md is kept; --replace updates it)")
+    return committed.with_name(f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def write_benchmark(rows: list[dict], out: Path, lines: list[str]) -> None:
+    """A benchmark's rows as <out>.parquet (pyarrow: GPU machines may lack polars) and its
+    printed table as <out>.md."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ltstudy.io import atomic_path
+
+    with atomic_path(out.with_suffix(".parquet")) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
     with atomic_path(out.with_suffix(".md")) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     print(f"wrote {out.with_suffix('.parquet')} and {out.with_suffix('.md')}")
-    if not args.replace:
-        print(f"(the committed {committed.with_suffix('.md')} is kept; --replace updates it)")
-    return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -421,6 +493,26 @@ def main(argv: list[str] | None = None) -> int:
         "file named with the date and time",
     )
     p.set_defaults(fn=cmd_throughput)
+    p.add_argument(
+        "--kernels",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "reference", "triton"],
+        help="model.kernels settings to measure (each variant under each)",
+    )
+    p = sub.add_parser("ops", help="each op's fast path against its torch reference")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--sizes", nargs="+", default=["demo"])
+    p.add_argument("--contexts", nargs="+", type=int, default=[1024])
+    p.add_argument("--modes", nargs="+", default=["train", "prefill"], choices=["train", "prefill"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default="results/benchmarks")
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="write ops-<device>.{md,parquet} (the committed table) instead of a dated file",
+    )
+    p.set_defaults(fn=cmd_ops)
     p = sub.add_parser("plan", help="layout, memory per GPU and GPU-hours of every run")
     _config_arguments(p)
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed")

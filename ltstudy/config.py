@@ -805,6 +805,11 @@ def resolve_run(
     resources = {group: dict(r) for group, r in settings["resources"].items()}
     for group, r in resources.items():
         r["tasks_per_node"] = _tasks_per_node(r, group, source)
+    if model["kernels"] == "triton" and not resources["train"]["gpu"]:
+        raise ConfigError(
+            f"{source}: config field `model.kernels`: triton runs on GPUs but "
+            "resources.train.gpu is 0; use auto (the torch forms on the CPU) or reference"
+        )
     # How the run is spread over ranks does not change what it computes (beyond rounding),
     # so the layout stays out of the config hash: a checkpoint resumes under another layout.
     layout = {

@@ -115,6 +115,16 @@ def test_config_hash_ignores_resources_and_evaluation(micro_raw):
             "`train.answer_loss_weight`",
             "recall and passkey",
         ),
+        (
+            lambda c: c["defaults"].setdefault("model", {}).update(kernels="triton"),
+            "`model.kernels`",
+            "resources.train.gpu is 0",
+        ),
+        (
+            lambda c: c["defaults"].setdefault("model", {}).update(kernels="cuda"),
+            "model.kernels",
+            "cuda",
+        ),
     ],
 )
 def test_bad_values_name_the_field(micro_raw, mutate, field, words):

@@ -11,12 +11,12 @@ from ltstudy.config import default_settings
 from ltstudy.models.config import ModelConfig
 from ltstudy.models.presets import SIZES, resolve_model
 from ltstudy.models.transformer import mixer_class
-from ltstudy.ops.delta_rule import (
+from ltstudy.ops.delta_rule.chunk import (
     gated_delta_rule_span_summary,
     matrix_fold,
     recurrent_gated_delta_rule,
 )
-from ltstudy.ops.gla import decay_fold, gla_span_summary, recurrent_gla
+from ltstudy.ops.gla.chunk import decay_fold, gla_span_summary, recurrent_gla
 from tests.context_jobs import assert_same, split_run
 
 LINEAR = ("gla", "deltanet", "mamba2")

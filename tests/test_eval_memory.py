@@ -130,9 +130,9 @@ def concatenating_attend_cached(q, k, v, window, cache):
         k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
     t_new, t_all = q.shape[2], k.shape[2]
     if t_new == t_all:
-        from ltstudy.models.attention import attend
+        from ltstudy.ops.attention import attention
 
-        y = attend(q, k, v, window)
+        y = attention(q, k, v, window)
     else:
         n_rep = q.shape[1] // k.shape[1]
         mask = sliding_window_mask(t_new, t_all, window or t_all, q.device)

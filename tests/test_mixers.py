@@ -14,8 +14,8 @@ from ltstudy.models.mixer_sizes import mixer_parameters
 from ltstudy.models.presets import SIZES, resolve_model
 from ltstudy.models.transformer import build_model, mixer_class
 from ltstudy.models.variants import VARIANTS
-from ltstudy.ops.delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
-from ltstudy.ops.gla import chunk_gla, chunk_scalar_gla, min_log_decay, recurrent_gla
+from ltstudy.ops.delta_rule.chunk import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from ltstudy.ops.gla.chunk import chunk_gla, chunk_scalar_gla, min_log_decay, recurrent_gla
 from ltstudy.ops.lact import lact, lact_reference
 
 

@@ -1,5 +1,6 @@
 """Throughput's FLOP count (torchtitan/PaLM), the peak MFU divides by, and per-point memory."""
 
+import polars as pl
 import pytest
 import torch
 from torch import nn
@@ -105,7 +106,7 @@ def point_spec(context: int, mode: str, dtype: str = "fp32", peak: float | None 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's resident set")
 def test_cpu_peak_memory_is_each_points_own():
     """Measured large-then-small, the small point must not inherit the large one's peak."""
-    frame = benchmark([point_spec(4096, "train"), point_spec(64, "train")])
+    frame = pl.DataFrame(benchmark([point_spec(4096, "train"), point_spec(64, "train")]))
     large, small = frame["peak_memory_mb"].to_list()
     assert frame["seq_len"].to_list() == [4096, 64] and (frame["status"] == "ok").all()
     assert small < large - 10
@@ -115,8 +116,8 @@ def test_cpu_peak_memory_is_each_points_own():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_peak_memory_is_each_points_own_and_the_peak_is_the_datasheets():
-    frame = benchmark(
-        [point_spec(8192, "train", "bf16", None), point_spec(64, "train", "bf16", None)]
+    frame = pl.DataFrame(
+        benchmark([point_spec(8192, "train", "bf16", None), point_spec(64, "train", "bf16", None)])
     )
     large, small = frame["peak_memory_mb"].to_list()
     assert small < large and (frame["memory_kind"] == "cuda_max_allocated").all()
@@ -129,8 +130,6 @@ def test_cuda_peak_memory_is_each_points_own_and_the_peak_is_the_datasheets():
 def test_throughput_command_keeps_the_committed_table(tmp_path, capsys):
     """`ltstudy throughput` writes a new, dated table and reports the spread of its repeats;
     only `--replace` writes the committed throughput-<device> table."""
-    import polars as pl
-
     from ltstudy.cli import main
 
     args = ["throughput", "--variants", "full", "--sizes", "micro", "--contexts", "64"]
@@ -144,3 +143,29 @@ def test_throughput_command_keeps_the_committed_table(tmp_path, capsys):
     assert main([*args, "--replace"]) == 0
     assert (tmp_path / "throughput-cpu.parquet").exists()
     assert (tmp_path / "throughput-cpu.md").read_text().count("full") == 1
+
+
+def test_throughput_command_measures_each_kernels_setting(tmp_path):
+    from ltstudy.cli import main
+
+    args = ["throughput", "--variants", "ttt_full", "--sizes", "micro", "--contexts", "64"]
+    args += ["--modes", "prefill", "--repeats", "1", "--kernels", "auto", "reference"]
+    assert main([*args, "--out", str(tmp_path), "--replace"]) == 0
+    rows = pl.read_parquet(tmp_path / "throughput-cpu.parquet")
+    assert rows["kernels"].to_list() == ["auto", "reference"]
+    assert (rows["status"] == "ok").all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's table")
+def test_ops_command_times_the_reference_and_says_why_the_fast_paths_are_not(tmp_path, capsys):
+    """On the CPU each op's torch reference is timed; the fast paths need a GPU, and the table
+    says so."""
+    from ltstudy.cli import main
+
+    args = ["ops", "--variants", "swa", "gla", "ttt_full", "--sizes", "micro", "--contexts", "64"]
+    assert main([*args, "--repeats", "1", "--out", str(tmp_path), "--replace"]) == 0
+    rows = pl.read_parquet(tmp_path / "ops-cpu.parquet")
+    assert rows["op"].to_list() == ["swa", "swa", "gla", "gla", "in-place ttt", "in-place ttt"]
+    assert (rows["reference_ms"] > 0).all() and rows["fast_ms"].is_null().all()
+    assert "no CUDA GPU" in (tmp_path / "ops-cpu.md").read_text()
+    assert "no CUDA GPU" in capsys.readouterr().out

@@ -40,12 +40,13 @@ from ltstudy.device import (
 from ltstudy.models.attention import reserve_kv_cache
 from ltstudy.models.flops import flops_per_token
 from ltstudy.models.transformer import build_model, count_parameters
-from ltstudy.results.schemas import identity, table_frame, write_table
 
 MODES = ("train", "prefill", "decode")
+# results.schemas.IDENTITY's columns (that module needs polars, which GPU machines may lack)
+IDENTITY = ("run_id", "study", "variant", "size", "context")
 
 
-def _timed(fn: Callable[[], None], device: torch.device) -> float:
+def timed(fn: Callable[[], None], device: torch.device) -> float:
     """Seconds one call takes: CUDA events on the GPU, the wall clock elsewhere."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -67,7 +68,7 @@ def measure_peak_tflops(device: torch.device, dtype: str) -> float:
     for _ in range(3):
         a @ b
     synchronize(device)
-    seconds = statistics.median(_timed(lambda: a @ b, device) for _ in range(10))
+    seconds = statistics.median(timed(lambda: a @ b, device) for _ in range(10))
     return 2 * n**3 / seconds / 1e12
 
 
@@ -145,7 +146,7 @@ def measure(
         reset_peak_memory(device)
         for i in range(warmup + repeats):
             run = _step(model, tokens, mode, dtype, decode_tokens)
-            seconds = _timed(run, device)
+            seconds = timed(run, device)
             if i >= warmup:
                 times.append(seconds)
     except torch.OutOfMemoryError:
@@ -261,7 +262,7 @@ def throughput_rows(
                 result = measure(model, **args)
             rows.append(
                 {
-                    **identity(spec),
+                    **{key: spec[key] for key in IDENTITY},
                     "mode": mode,
                     "seq_len": seq_len,
                     "batch_size": cfg["batch_size"],
@@ -284,6 +285,8 @@ def throughput_rows(
 
 
 def evaluate_throughput(spec: Mapping[str, Any], out_path: str) -> None:
+    from ltstudy.results.schemas import write_table
+
     cfg = spec["evaluate"]["throughput"]
     device = pick_device()
     configure_threads(spec["resources"]["evaluate"]["cpus_per_task"])
@@ -294,9 +297,12 @@ def evaluate_throughput(spec: Mapping[str, Any], out_path: str) -> None:
     write_table("throughput", throughput_rows(spec, model, cfg, peak), out_path)
 
 
-def benchmark(specs: Sequence[Mapping[str, Any]], peak_tflops: float | None = None):
-    """Throughput of several run specs (the `ltstudy throughput` command): on a GPU in this
-    process, on the CPU each point in a fresh one."""
+def benchmark(
+    specs: Sequence[Mapping[str, Any]], peak_tflops: float | None = None
+) -> list[dict[str, Any]]:
+    """Throughput rows of several run specs (the `ltstudy throughput` command): on a GPU in
+    this process, on the CPU each point in a fresh one. Needs no polars (GPU machines may
+    lack it)."""
     device = pick_device()
     rows = []
     for spec in specs:
@@ -318,4 +324,4 @@ def benchmark(specs: Sequence[Mapping[str, Any]], peak_tflops: float | None = No
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return table_frame("throughput", rows)
+    return rows

@@ -17,11 +17,10 @@ from torch import Tensor, nn
 from ltstudy.models.config import ModelConfig
 from ltstudy.models.layers import RMSNorm, apply_rotary
 from ltstudy.ops.attention import (
+    attention,
     attention_with_lse,
-    causal_attention,
     context_attention,
     merge_partial,
-    sliding_window_attention,
     sliding_window_mask,
 )
 from ltstudy.parallel.context import ContextParallel
@@ -38,13 +37,6 @@ def layer_window(cfg: ModelConfig, layer_idx: int) -> int | None:
     return cfg.swa_window
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, window: int | None) -> Tensor:
-    """Causal attention of all of q against all of k (same length), windowed or not."""
-    return (
-        causal_attention(q, k, v) if window is None else sliding_window_attention(q, k, v, window)
-    )
-
-
 def reserve_kv_cache(cache: Cache, tokens: int) -> None:
     """Size the key/value buffers of a model's decode cache for `tokens` in all (prompt + new
     tokens): full-attention layers then allocate them once, at the prefill, and never grow
@@ -53,7 +45,9 @@ def reserve_kv_cache(cache: Cache, tokens: int) -> None:
         layer.setdefault("mixer", {})["capacity"] = tokens
 
 
-def attend_cached(q: Tensor, k: Tensor, v: Tensor, window: int | None, cache: dict) -> Tensor:
+def attend_cached(
+    q: Tensor, k: Tensor, v: Tensor, window: int | None, cache: dict, kernels: str = "reference"
+) -> Tensor:
     """New queries against cached + new keys; keeps what later queries still need.
 
     Keys and values live in preallocated buffers (cache "k", "v" [B, kv_heads, capacity,
@@ -64,7 +58,7 @@ def attend_cached(q: Tensor, k: Tensor, v: Tensor, window: int | None, cache: di
     if cache.get("end", 0) == cache.get("start", 0):  # nothing cached: attend among the new
         keep = t_new if window is None else min(t_new, window - 1)
         _append(cache, k[:, :, t_new - keep :], v[:, :, t_new - keep :], window)
-        return attend(q, k, v, window)
+        return attention(q, k, v, window, kernels)
     k, v = _append(cache, k, v, window)
     # A single query (decoding) sees every live key; grouped heads share them, not copied.
     mask = None if t_new == 1 else sliding_window_mask(t_new, k.shape[2], window or k.shape[2])
@@ -139,6 +133,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.window = layer_window(cfg, layer_idx)
+        self.kernels = cfg.kernels
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -179,8 +174,8 @@ class Attention(nn.Module):
         if cache is not None and "context" in cache:
             return attend_sharded(q, k, v, cache)
         if cache is None:
-            return attend(q, k, v, self.window)
-        return attend_cached(q, k, v, self.window, cache)
+            return attention(q, k, v, self.window, self.kernels)
+        return attend_cached(q, k, v, self.window, cache, self.kernels)
 
     def forward(
         self,

@@ -43,6 +43,7 @@ class ModelConfig:
     pretrained: str | None = None  # Hugging Face checkpoint the weights start from
     ttt: TTTConfig | None = None
     norm_eps: float = 1e-6
+    kernels: str = "auto"  # auto | reference | triton (ltstudy.ops.backend)
     init_std: float = 0.02
 
     @classmethod

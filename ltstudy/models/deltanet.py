@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ltstudy.models.config import ModelConfig
 from ltstudy.models.layers import GatedRMSNorm, ShortConv
-from ltstudy.ops.delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from ltstudy.ops.delta_rule import gated_delta_rule
 
 if TYPE_CHECKING:
     from ltstudy.parallel.context import ContextParallel
@@ -26,6 +26,7 @@ class GatedDeltaNet(nn.Module):
         super().__init__()
         m = cfg.mixer
         self.n_heads, self.head_dim, self.chunk_size = m["n_heads"], m["head_dim"], m["chunk_size"]
+        self.kernels = cfg.kernels
         d, inner = cfg.d_model, self.n_heads * self.head_dim
         self.q_proj = nn.Linear(d, inner, bias=False)
         self.k_proj = nn.Linear(d, inner, bias=False)
@@ -62,12 +63,9 @@ class GatedDeltaNet(nn.Module):
         g = (-self.A_log.exp() * F.softplus(self.a_proj(x) + self.dt_bias)).transpose(1, 2)
         state = None if cache is None else cache.get("S")
         scale = self.head_dim**-0.5
-        if T == 1 and cache is not None and context is None:
-            o, state = recurrent_gated_delta_rule(q, k, v, g, beta, scale, state)
-        else:
-            o, state = chunk_gated_delta_rule(
-                q, k, v, g, beta, scale, state, self.chunk_size, context
-            )
+        o, state = gated_delta_rule(
+            q, k, v, g, beta, scale, state, self.chunk_size, context, self.kernels
+        )
         if cache is not None:
             cache["S"] = state
         o = self.o_norm(o.transpose(1, 2), self.g_proj(x).view(B, T, self.n_heads, self.head_dim))

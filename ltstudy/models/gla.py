@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ltstudy.models.config import ModelConfig
 from ltstudy.models.layers import GatedRMSNorm
-from ltstudy.ops.gla import chunk_gla, min_log_decay, recurrent_gla
+from ltstudy.ops.gla import gla, min_log_decay
 
 if TYPE_CHECKING:
     from ltstudy.parallel.context import ContextParallel
@@ -26,6 +26,7 @@ class GatedLinearAttention(nn.Module):
         m = cfg.mixer
         self.n_heads, self.key_dim, self.value_dim = m["n_heads"], m["key_dim"], m["value_dim"]
         self.chunk_size, self.normalizer = m["chunk_size"], m["gate_normalizer"]
+        self.kernels = cfg.kernels
         d, hk, hv = cfg.d_model, self.n_heads * self.key_dim, self.n_heads * self.value_dim
         self.q_proj = nn.Linear(d, hk, bias=False)
         self.k_proj = nn.Linear(d, hk, bias=False)
@@ -55,10 +56,7 @@ class GatedLinearAttention(nn.Module):
         gk = heads(gk.clamp_min(min_log_decay(self.chunk_size)))  # the chunk form's range
         state = None if cache is None else cache.get("S")
         scale = self.key_dim**-0.5
-        if T == 1 and cache is not None and context is None:
-            o, state = recurrent_gla(q, k, v, gk, scale, state)
-        else:
-            o, state = chunk_gla(q, k, v, gk, scale, state, self.chunk_size, context)
+        o, state = gla(q, k, v, gk, scale, state, self.chunk_size, context, self.kernels)
         if cache is not None:
             cache["S"] = state
         o = o.transpose(1, 2)  # [B, T, H, V]

@@ -9,7 +9,8 @@ default is the official one: fast q and k get a learnable per-channel scale and 
 (`fast_rope`); the update may carry momentum (`use_momentum`) and be orthogonalised by
 Newton-Schulz (`use_muon`). The branch's output is RMS-normalised per head, scaled by
 silu(ttt_scale_proj x) per head (`learnable_ttt_scale`), and added to the attention output
-before o_proj.
+before o_proj. The branch's gate math takes fused Triton kernels where `model.kernels` (kept
+as `self.kernels` by Attention) chooses the fast path.
 
 Context parallelism: the update is not affine in the fast weights, so they (and the momentum
 buffer) pass from rank to rank in order (`ContextParallel.relay`): rank r runs its chunks from
@@ -115,7 +116,9 @@ class LaCT(Attention):
 
     def _fast(self, q, k, v, lr, momentum, state=None):
         weights = (self.w1, self.w2, self.w3)
-        return lact(q, k, v, lr, weights, self.chunk_size, state, momentum, self.use_muon)
+        return lact(
+            q, k, v, lr, weights, self.chunk_size, state, momentum, self.use_muon, self.kernels
+        )
 
     def _fast_relayed(
         self, q: Tensor, per_token: list, context: ContextParallel, cache: dict | None
@@ -151,7 +154,7 @@ class LaCT(Attention):
         outputs = []
         if "pending" in cache:
             take = min(C - cache["pending"][0].shape[2], q.shape[2])
-            outputs.append(swiglu_apply(cache["W"].weights, q[:, :, :take]))
+            outputs.append(swiglu_apply(cache["W"].weights, q[:, :, :take], self.kernels))
             pending = [
                 None if p is None else torch.cat([p, t[:, :, :take]], dim=2)
                 for p, t in zip(cache.pop("pending"), per_token, strict=True)
@@ -160,7 +163,9 @@ class LaCT(Attention):
             per_token = [None if t is None else t[:, :, take:] for t in per_token]
             if pending[0].shape[2] == C:
                 norms = row_norms((self.w1, self.w2, self.w3))
-                cache["W"] = lact_step(cache["W"], norms, *pending, use_muon=self.use_muon)
+                cache["W"] = lact_step(
+                    cache["W"], norms, *pending, use_muon=self.use_muon, kernels=self.kernels
+                )
             else:
                 cache["pending"] = pending
         if q.shape[2]:

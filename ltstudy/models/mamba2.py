@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ltstudy.models.config import ModelConfig
 from ltstudy.models.layers import GatedRMSNorm, ShortConv
-from ltstudy.ops.gla import chunk_scalar_gla, recurrent_gla
+from ltstudy.ops.gla import gla
 
 if TYPE_CHECKING:
     from ltstudy.parallel.context import ContextParallel
@@ -30,6 +30,7 @@ class Mamba2(nn.Module):
         self.n_heads, self.head_dim = m["n_heads"], m["head_dim"]
         self.d_state, self.n_groups, self.chunk_size = m["d_state"], m["n_groups"], m["chunk_size"]
         self.d_inner = self.n_heads * self.head_dim
+        self.kernels = cfg.kernels
         conv_channels = self.d_inner + 2 * self.n_groups * self.d_state
         self.in_proj = nn.Linear(
             cfg.d_model, self.d_inner + conv_channels + self.n_heads, bias=False
@@ -71,10 +72,7 @@ class Mamba2(nn.Module):
         v = xs * dt.transpose(1, 2)[..., None]
         g = (-self.A_log.exp() * dt).transpose(1, 2)  # [B, H, T]
         state = None if cache is None else cache.get("S")
-        if T == 1 and cache is not None and context is None:
-            y, state = recurrent_gla(q, k, v, g, 1.0, state)
-        else:
-            y, state = chunk_scalar_gla(q, k, v, g, 1.0, state, self.chunk_size, context)
+        y, state = gla(q, k, v, g, 1.0, state, self.chunk_size, context, self.kernels)
         if cache is not None:
             cache["S"] = state
         y = y + self.D[:, None, None] * xs

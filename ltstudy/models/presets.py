@@ -149,6 +149,7 @@ def resolve_model(
     if overrides.get("rope_scaling") or not pretrained:
         model["rope_scaling"] = resolve_rope_scaling(overrides.get("rope_scaling"), context)
     model["pretrained"] = pretrained
+    model["kernels"] = overrides.get("kernels") or "auto"
     mixer_overrides = {
         **preset_mixers.get(spec.settings, {}),
         **{k: v for k, v in (overrides.get(spec.settings or "") or {}).items() if v is not None},

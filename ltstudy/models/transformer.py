@@ -38,7 +38,7 @@ class Block(nn.Module):
         self.self_attn = mixer_class(cfg.variant)(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if cfg.has_ttt(layer_idx):
-            self.mlp = InPlaceTTTMLP(cfg.d_model, cfg.d_ff, cfg.ttt)
+            self.mlp = InPlaceTTTMLP(cfg.d_model, cfg.d_ff, cfg.ttt, cfg.kernels)
         else:
             self.mlp = SwiGLU(cfg.d_model, cfg.d_ff)
 

@@ -66,9 +66,9 @@ class TargetConv(nn.Module):
 
 
 class InPlaceTTTMLP(SwiGLU):
-    def __init__(self, d_model: int, d_ff: int, ttt: TTTConfig):
+    def __init__(self, d_model: int, d_ff: int, ttt: TTTConfig, kernels: str = "reference"):
         super().__init__(d_model, d_ff)
-        self.ttt = ttt
+        self.ttt, self.kernels = ttt, kernels
         self.ttt_conv = (
             TargetConv(d_model, ttt.conv_kernel, ttt.conv_padding, ttt.chunk_size)
             if ttt.conv_kernel > 0
@@ -106,6 +106,7 @@ class InPlaceTTTMLP(SwiGLU):
             clip_tau=self.ttt.clip_tau if self.clipping() else None,
             clip_order=self.ttt.clip_order,
             state=state,
+            kernels=self.kernels,
         )
 
     def forward(

@@ -1,37 +1,17 @@
-"""In-Place TTT fast-weight ops (arXiv 2604.06169, Algorithm 1).
+"""In-Place TTT's fast weights in torch, chunk by chunk (the CPU path; see `naive.py` for
+the equations).
 
-The MLP's down projection W_down is a fast weight. The sequence is cut into chunks of C tokens;
-each chunk is first *applied* with the current weight, then the weight is *updated* with that
-chunk's write ΔW_i = V̂_iᵀ Z_i (the gradient of -<Z W_downᵀ, V̂>):
-
-    O_i = Z_i W^(i)ᵀ,    W^(i+1) = W^(i) + η ΔW_i
-
-`inplace_ttt` runs the chunks in order keeping one [D, F] running sum per sequence, and its
+`fast_weights` runs the chunks in order keeping one [D, F] running sum per sequence, and its
 backward recomputes the writes chunk by chunk instead of storing the [N, D, F] prefix sums
-(16 bytes per token per TTT layer instead of 4·D·F/C); `inplace_ttt_reference` is the plain
-sequential apply-then-update loop, differentiated by autograd, that it must equal.
+(16 bytes per token per TTT layer instead of 4·D·F/C).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-
-def clip_update(delta: Tensor, eta: float, tau: float | None, order: str) -> Tensor:
-    """η·ΔW with the update's Frobenius norm capped at τ (per sequence and chunk).
-
-    `order` says whether τ bounds ΔW before the η scaling (the paper's rule, so the write is at
-    most η·τ) or η·ΔW after it.
-    """
-    if tau is None:
-        return eta * delta
-    scaled = eta * delta if order == "after_eta" else delta
-    norm = torch.linalg.matrix_norm(scaled.float(), ord="fro").to(delta.dtype)
-    factor = torch.clamp(tau / norm.clamp_min(torch.finfo(norm.dtype).tiny), max=1.0)
-    scaled = scaled * factor[..., None, None]
-    return scaled if order == "after_eta" else eta * scaled
+from ltstudy.ops.ttt.naive import clip_update
 
 
 def _accumulation_dtype(x: Tensor) -> torch.dtype:
@@ -111,48 +91,14 @@ class _FastWeights(torch.autograd.Function):
         return grad_z, grad_v, grad_state, None, None, None, None
 
 
-def inplace_ttt(
+def fast_weights(
     z: Tensor,
     v: Tensor,
-    w_down: Tensor,
-    *,
+    state: Tensor | None,
     eta: float,
     chunk_size: int,
-    clip_tau: float | None = None,
-    clip_order: str = "before_eta",
-    state: Tensor | None = None,
+    clip_tau: float | None,
+    clip_order: str,
 ) -> tuple[Tensor, Tensor]:
-    """Fast-weight MLP output for z: [B, T, F] (gated activations), v: [B, T, D] (targets).
-
-    w_down: [D, F] is the slow initial weight; `state` [B, D, F] is what earlier chunks already
-    added to it (decoding). Returns (output [B, T, D], state after the last complete chunk; a
-    trailing partial chunk's write waits until the chunk is complete). The slow part is a plain
-    F.linear and the fast part is added on top, so with v == 0 the output is bit-identical to
-    the backbone MLP.
-    """
-    fast, final = _FastWeights.apply(z, v, state, eta, chunk_size, clip_tau, clip_order)
-    return F.linear(z, w_down) + fast, final
-
-
-def inplace_ttt_reference(
-    z: Tensor,
-    v: Tensor,
-    w_down: Tensor,
-    *,
-    eta: float,
-    chunk_size: int,
-    clip_tau: float | None = None,
-    clip_order: str = "before_eta",
-    state: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Sequential apply-then-update over chunks, one weight matrix per sequence."""
-    B, T, _ = z.shape
-    added = z.new_zeros(B, *w_down.shape) if state is None else state
-    outputs = []
-    for start in range(0, T, chunk_size):
-        zi, vi = z[:, start : start + chunk_size], v[:, start : start + chunk_size]
-        outputs.append(torch.einsum("btf,bdf->btd", zi, w_down + added))
-        if zi.shape[1] == chunk_size:
-            delta = torch.einsum("btd,btf->bdf", vi, zi)
-            added = added + clip_update(delta, eta, clip_tau, clip_order)
-    return torch.cat(outputs, dim=1), added
+    """The fast part of the output [B, T, D] and the state after the last complete chunk."""
+    return _FastWeights.apply(z, v, state, eta, chunk_size, clip_tau, clip_order)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ltstudy.ops.gla import _chunks, _initial_state, _pairwise_decay
+from ltstudy.ops.gla.chunk import _chunks, _initial_state, _pairwise_decay
 
 if TYPE_CHECKING:
     from ltstudy.parallel.context import ContextParallel

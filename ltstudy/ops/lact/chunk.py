@@ -11,16 +11,22 @@ may be orthogonalised by Newton-Schulz (Muon) before it is added.
 Shapes: q, k, v [B, H, T, D]; lr [B, H, T, 3]; momentum [B, H, T]; weights (W1 [.., F, D],
 W2 [.., D, F], W3 [.., F, D]) per head ([H, ...]) or per sequence ([B, H, ...]). `lact` uses
 hand-derived gradients; `lact_reference` gets them from autograd. Both run in the inputs' dtype
-(the official code runs Newton-Schulz in bfloat16).
+(the official code runs Newton-Schulz in bfloat16). The elementwise gate math of the apply and
+the update runs in torch (`naive.py`) or, on the fast path (`kernels`, see ltstudy.ops.backend),
+in fused Triton kernels (`triton.py`); `lact_reference` is always torch.
 """
 
 from __future__ import annotations
 
+from functools import partial
+from types import ModuleType
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from ltstudy.ops import backend
+from ltstudy.ops.lact import naive
 
 Weights = tuple[Tensor, Tensor, Tensor]
 
@@ -54,9 +60,19 @@ def newton_schulz(g: Tensor, coefficients=NS_COEFFICIENTS) -> Tensor:
     return x.mT if tall else x
 
 
-def swiglu_apply(weights: Weights, x: Tensor) -> Tensor:
+def _gate_math(kernels: str, x: Tensor) -> ModuleType:
+    """The module whose `swiglu_gate` and `swiglu_update_gates` run for tensors like `x`."""
+    if backend.use_fast(kernels, x):
+        from ltstudy.ops.lact import triton as fused
+
+        return fused
+    return naive
+
+
+def swiglu_apply(weights: Weights, x: Tensor, kernels: str = "reference") -> Tensor:
     w1, w2, w3 = weights
-    return (F.silu(x @ w1.transpose(-1, -2)) * (x @ w3.transpose(-1, -2))) @ w2.transpose(-1, -2)
+    h1, h3 = x @ w1.transpose(-1, -2), x @ w3.transpose(-1, -2)
+    return _gate_math(kernels, x).swiglu_gate(h1, h3) @ w2.transpose(-1, -2)
 
 
 def row_norms(weights: Weights) -> Weights:
@@ -88,18 +104,16 @@ def lact_step(
     lr: Tensor,
     momentum: Tensor | None = None,
     use_muon: bool = False,
+    kernels: str = "reference",
 ) -> LaCTState:
     """One update with the analytic gradient of -Σ η <f_W(k), v>."""
     w1, w2, w3 = state.weights
     h1, h3 = k @ w1.transpose(-1, -2), k @ w3.transpose(-1, -2)
-    sig = torch.sigmoid(h1)
-    act = h1 * sig
-    d_w2 = torch.einsum("bhc,bhcd,bhcf->bhdf", lr[..., 1], v, act * h3)
     d_act = v @ w2  # [B, H, C, F]
-    g1 = d_act * h3 * sig * (1 + h1 * (1 - sig))
-    g3 = d_act * act
-    d_w1 = torch.einsum("bhc,bhcf,bhcd->bhfd", lr[..., 0], g1, k)
-    d_w3 = torch.einsum("bhc,bhcf,bhcd->bhfd", lr[..., 2], g3, k)
+    a, g1, g3 = _gate_math(kernels, k).swiglu_update_gates(h1, h3, d_act, lr)  # g1, g3 η-scaled
+    d_w1 = g1.transpose(-1, -2) @ k
+    d_w2 = torch.einsum("bhc,bhcd,bhcf->bhdf", lr[..., 1], v, a)
+    d_w3 = g3.transpose(-1, -2) @ k
     return _advance(state, norms, (d_w1, d_w2, d_w3), momentum, use_muon)
 
 
@@ -140,13 +154,14 @@ def _run(
     state: LaCTState | None,
     momentum: Tensor | None,
     use_muon: bool,
+    kernels: str,
 ) -> tuple[Tensor, LaCTState]:
     norms = row_norms(weights)
     current = initial_state(weights, q.shape[0], momentum is not None) if state is None else state
     outputs = []
     for start in range(0, q.shape[2], chunk_size):
         part = slice(start, start + chunk_size)
-        outputs.append(swiglu_apply(current.weights, q[:, :, part]))
+        outputs.append(swiglu_apply(current.weights, q[:, :, part], kernels))
         if q[:, :, part].shape[2] == chunk_size:
             m = None if momentum is None else momentum[:, :, part]
             current = step(
@@ -165,12 +180,14 @@ def lact(
     state: LaCTState | None = None,
     momentum: Tensor | None = None,
     use_muon: bool = False,
+    kernels: str = "reference",
 ) -> tuple[Tensor, LaCTState]:
     """Apply-then-update over chunks; returns (output, state after the last complete chunk).
 
     `weights` are the learned initial fast weights (their row norms are kept); `state`, if
     given, is where a previous call stopped."""
-    return _run(lact_step, q, k, v, lr, weights, chunk_size, state, momentum, use_muon)
+    step = partial(lact_step, kernels=kernels)
+    return _run(step, q, k, v, lr, weights, chunk_size, state, momentum, use_muon, kernels)
 
 
 def lact_reference(
@@ -184,4 +201,6 @@ def lact_reference(
     momentum: Tensor | None = None,
     use_muon: bool = False,
 ) -> tuple[Tensor, LaCTState]:
-    return _run(_reference_step, q, k, v, lr, weights, chunk_size, state, momentum, use_muon)
+    return _run(
+        _reference_step, q, k, v, lr, weights, chunk_size, state, momentum, use_muon, "reference"
+    )
