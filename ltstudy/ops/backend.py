@@ -15,8 +15,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
-from functools import cache
+from functools import cache, reduce
 
+import torch
 from torch import Tensor
 
 KERNELS = ("auto", "reference", "triton")
@@ -65,3 +66,13 @@ def library(kernels: str, x: Tensor, module: str, package: str) -> bool:
 @cache
 def _warn_missing(package: str) -> None:
     warnings.warn(f"{package} is not installed: its ops run the reference form", stacklevel=3)
+
+
+def compute_dtype(*xs: Tensor) -> torch.dtype:
+    """The one dtype a kernel's operands go in as: autocast's when it is on (what torch's own
+    matmuls and SDPA would use; kernels outside torch are not cast by autocast), else the
+    inputs' promoted type. Triton's dots need the same dtype on both sides."""
+    device = xs[0].device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return reduce(torch.promote_types, (x.dtype for x in xs))

@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from ltstudy.ops.backend import compute_dtype
+
 _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
 # One graph per sequence length: an evaluation over a dozen lengths must not exhaust dynamo's
 # default of 8 and fall back to eager flex, which materialises the T x T scores.
@@ -52,6 +54,8 @@ def _attention(
         mask_mod = _mask_mod(window, document_ids)
         block_mask = _block_mask(mask_mod, document_ids.shape[0], t, q.device)
     flex = _compiled_flex_attention if q.is_cuda else flex_attention
+    dtype = compute_dtype(q, k, v)  # autocast does not cast flex's inputs (QK-norm gives fp32)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     return flex(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
 
 

@@ -16,11 +16,12 @@ import torch
 from fla.ops import gated_delta_rule as fla_gdn
 from torch import Tensor
 
-from ltstudy.ops.gla.fla import fla_state, kernel_dtype, to_fla
+from ltstudy.ops.backend import compute_dtype
+from ltstudy.ops.gla.fla import fla_state, to_fla
 
 
 def _inputs(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor) -> list[Tensor]:
-    dtype = kernel_dtype(q, k, v)
+    dtype = compute_dtype(q, k, v)
     return [*to_fla(q, k, v, beta, dtype=dtype), *to_fla(g, dtype=torch.float32)]
 
 

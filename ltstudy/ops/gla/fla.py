@@ -8,8 +8,8 @@ g (<= 0), `scale` multiplying q, state [B, H, K, V]. The mapping onto fla, share
 - fla's state is [K, V] too (its default, state_v_first=False), held in float32: the initial
   state goes in as float32 (fla's chunk form asserts it) and the final state comes back float32,
   so a decode cache keeps full precision from step to step;
-- fla's dots need one dtype on both sides, so q, k, v go in as `kernel_dtype`; the gate goes in
-  as float32, the precision of fla's cumulative sums of it.
+- fla's dots need one dtype on both sides, so q, k, v go in as `backend.compute_dtype`; the
+  gate goes in as float32, the precision of fla's cumulative sums of it.
 
 Imported only where fla is installed (`ltstudy.ops.backend.library` checks before the dispatch
 in `__init__.py` imports it).
@@ -17,21 +17,12 @@ in `__init__.py` imports it).
 
 from __future__ import annotations
 
-from functools import reduce
-
 import torch
 from fla.ops import gla as fla_gla
 from fla.ops import simple_gla as fla_simple_gla
 from torch import Tensor
 
-
-def kernel_dtype(*xs: Tensor) -> torch.dtype:
-    """The one dtype of the matmul operands: autocast's when it is on (what torch's matmuls in
-    the reference forms would use), else the inputs' promoted type."""
-    device = xs[0].device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return reduce(torch.promote_types, (x.dtype for x in xs))
+from ltstudy.ops.backend import compute_dtype
 
 
 def to_fla(*xs: Tensor, dtype: torch.dtype) -> list[Tensor]:
@@ -49,7 +40,7 @@ def chunk_gla(
 ) -> tuple[Tensor, Tensor]:
     """GLA with a gate per key (g: [B, H, T, K]) on fla's `chunk_gla`, whose gate is the same
     per-key log decay applied before the write (S_t = diag(exp g_t) S_{t-1} + k_t v_tᵀ)."""
-    dtype = kernel_dtype(q, k, v)
+    dtype = compute_dtype(q, k, v)
     (g,) = to_fla(g, dtype=torch.float32)
     o, S = fla_gla.chunk_gla(
         *to_fla(q, k, v, dtype=dtype),
@@ -66,7 +57,7 @@ def chunk_scalar_gla(
 ) -> tuple[Tensor, Tensor]:
     """One gate per head (g: [B, H, T], Mamba2's SSD) on fla's `chunk_simple_gla`, whose g is
     the same per-head log decay ([B, T, H] there)."""
-    dtype = kernel_dtype(q, k, v)
+    dtype = compute_dtype(q, k, v)
     (g,) = to_fla(g, dtype=torch.float32)
     o, S = fla_simple_gla.chunk_simple_gla(
         *to_fla(q, k, v, dtype=dtype),
@@ -84,7 +75,7 @@ def recurrent_gla(
     """Token by token (the decode step) on fla's fused recurrent kernels: a gate per key
     (g: [B, H, T, K]) is `fused_recurrent_gla`'s `gk`, one per head (g: [B, H, T]) is
     `fused_recurrent_simple_gla`'s `g`; both decay the state before the write, as ours does."""
-    dtype = kernel_dtype(q, k, v)
+    dtype = compute_dtype(q, k, v)
     (g,) = to_fla(g, dtype=torch.float32)
     inputs = to_fla(q, k, v, dtype=dtype)
     options = {"scale": scale, "initial_state": fla_state(state), "output_final_state": True}

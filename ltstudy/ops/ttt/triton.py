@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ltstudy.ops.backend import interpreting
+from ltstudy.ops.backend import compute_dtype, interpreting
 
 
 @triton.jit
@@ -197,6 +197,8 @@ def fast_weights(
 ) -> tuple[Tensor, Tensor]:
     """The fast part of the output [B, T, D] and the state after the last complete chunk (fp32,
     or the dtype of `state`), as `chunk.fast_weights`."""
+    dtype = compute_dtype(z, v)  # one dtype for the dots: autocast does not cast our inputs
+    z, v = z.to(dtype), v.to(dtype)
     scales = clip_scales(z, v, eta, chunk_size, clip_tau, clip_order)
     start = z.new_zeros(z.shape[0], v.shape[2], z.shape[2], dtype=torch.float32)
     if state is not None:
