@@ -770,9 +770,9 @@ def resolve_run(
     """Turn merged settings into a complete run spec, with semantic checks. `data` is the
     study's data settings (study_data, computed once per study by expand_runs)."""
     data = _copy(data)
-    # the corpus files' paths, sizes and times join the data id and the run's hash: an edited
-    # corpus is tokenized again and its runs retrained
-    data["fingerprint"] = corpus_fingerprint(data["corpus"])
+    # the corpus files (paths with sizes and times, or contents: data.fingerprint) join the
+    # data id and the run's hash: an edited corpus is tokenized again and its runs retrained
+    data["corpus_digest"] = corpus_fingerprint(data["corpus"], data["fingerprint"])
     _check_choice(settings["variant"], VARIANTS, "variant", "variant", source)
     try:
         model = resolve_model(

@@ -279,3 +279,23 @@ def test_fingerprint_follows_the_corpus_files(tmp_path):
     assert corpus_fingerprint("embedded") != corpus_fingerprint(str(root))
     with pytest.raises(CorpusError, match=r"no \.txt"):
         corpus_fingerprint(str(tmp_path / "missing"))
+
+
+def test_content_fingerprint_follows_edits_not_times(tmp_path):
+    """`data.fingerprint: content`: a copy with new times keeps the digest (no rebuild); an
+    edit of the same size and time changes it, which `stat` cannot see."""
+    root = small_corpus(tmp_path / "c")
+    before = corpus_fingerprint(str(root), "content")
+    corpus_fingerprint.cache_clear()
+    doc = root / "a.jsonl"
+    os.utime(doc, ns=(doc.stat().st_atime_ns, doc.stat().st_mtime_ns + 5_000_000_000))
+    assert corpus_fingerprint(str(root), "content") == before
+    assert corpus_fingerprint(str(root), "stat") != corpus_fingerprint(str(root), "content")
+
+    stat = doc.stat()
+    by_stat = corpus_fingerprint(str(root), "stat")
+    corpus_fingerprint.cache_clear()
+    doc.write_text(doc.read_text().replace("document 1 ", "Document 1 "))  # same size
+    os.utime(doc, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the same time
+    assert corpus_fingerprint(str(root), "stat") == by_stat
+    assert corpus_fingerprint(str(root), "content") != before

@@ -227,17 +227,31 @@ def iter_documents(corpus: str, on_invalid_utf8: str = "error") -> Iterator[Docu
 
 
 @functools.cache
-def corpus_fingerprint(corpus: str) -> str:
+def corpus_fingerprint(corpus: str, method: str = "stat") -> str:
     """A short digest that changes when the corpus does, for the data id: the Python version for
-    the embedded corpus (it is the standard library's text); for a local corpus, each file's
-    relative path, size and modification time (not its contents: hashing a large corpus would
-    cost as much as tokenizing it)."""
+    the embedded corpus (it is the standard library's text); for a local corpus each file's
+    relative path with its size and modification time (`stat`: cheap, but a copy with new times
+    rebuilds) or with a hash of its bytes (`content`: reads the whole corpus once per
+    validation, but only an edit rebuilds)."""
     digest = hashlib.sha256()
     if corpus == "embedded":
         digest.update(f"embedded:{platform.python_version()}".encode())
-    else:
-        root = Path(corpus)
-        for path in _corpus_files(root):
+        return digest.hexdigest()[:16]
+    root = Path(corpus)
+    for path in _corpus_files(root):
+        if method == "content":
+            summary = _content_hash(path)
+        else:
             stat = path.stat()
-            digest.update(f"{_name(root, path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            summary = f"{stat.st_size}\0{stat.st_mtime_ns}"
+        digest.update(f"{_name(root, path)}\0{summary}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def _content_hash(path: Path, block: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, read a block at a time (memory independent of its size)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
