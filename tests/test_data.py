@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -99,6 +100,9 @@ class WideVocabulary(ByteTokenizer):
     def encode(self, text):
         return [t + self.shift for t in super().encode(text)]
 
+    def encode_array(self, text):
+        return super().encode_array(text).astype(np.int64) + self.shift
+
 
 def test_vocabularies_over_uint16_are_stored_whole(tmp_path, monkeypatch):
     monkeypatch.setattr("ltstudy.data.dataset.get_tokenizer", lambda name: WideVocabulary())
@@ -145,3 +149,11 @@ def _empty(tmp_path):
     d = tmp_path / "empty"
     d.mkdir()
     return d
+
+
+def test_byte_tokenizer_array_path_gives_the_lists_ids():
+    """The data stage's array path (a view of the UTF-8 bytes) against `encode`."""
+    tok = ByteTokenizer()
+    text = "plain, accentué, 日本語, emoji 🙂 and \x00 control"
+    assert tok.encode_array(text).tolist() == tok.encode(text)
+    assert tok.encode_array("").size == 0

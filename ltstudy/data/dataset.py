@@ -114,18 +114,19 @@ def _capped(doc: Document, max_bytes: int | None) -> Iterator[tuple[str, bool]]:
 
 def document_tokens(
     tokenizer, doc: Document, max_bytes: int | None = None
-) -> Iterator[tuple[str, list[int], bool]]:
+) -> Iterator[tuple[str, np.ndarray, bool]]:
     """A document's token ids piece by piece, as (text, ids, is_answer): the tokenizer's BOS
     first (if it has one, as transformers encodes a text), the text's pieces (its first
-    `max_bytes` bytes of UTF-8), EOS last; nothing for an empty document."""
+    `max_bytes` bytes of UTF-8), EOS last; nothing for an empty document. Ids are arrays
+    (`encode_array`: the byte tokenizer's are views of the text's bytes)."""
     pieces = _capped(doc, max_bytes)
     first = next(pieces, None)
     if first is None:
         return
-    yield "", tokenizer.with_bos([]), False
+    yield "", np.asarray(tokenizer.with_bos([]), dtype=np.int64), False
     for piece, answer in itertools.chain([first], pieces):
-        yield piece, tokenizer.encode(piece), answer
-    yield "", [tokenizer.eos_id], False
+        yield piece, tokenizer.encode_array(piece), answer
+    yield "", np.asarray([tokenizer.eos_id], dtype=np.int64), False
 
 
 def encode_document(tokenizer, doc: Document) -> tuple[list[int], list[tuple[int, int]]]:
@@ -136,7 +137,7 @@ def encode_document(tokenizer, doc: Document) -> tuple[list[int], list[tuple[int
     for _, ids, answer in document_tokens(tokenizer, doc):
         if answer:
             spans.append((len(tokens), len(tokens) + len(ids)))
-        tokens += ids
+        tokens += ids.tolist()
     return tokens, spans
 
 
@@ -160,11 +161,11 @@ class _ShardWriter:
     def _name(self) -> str:
         return f"{self.split}-{len(self.shards):05d}.bin"
 
-    def write(self, ids: list[int], answer: bool = False) -> None:
+    def write(self, ids: np.ndarray, answer: bool = False) -> None:
         """Append token ids to the current document; `answer`: they are a marked answer."""
         if answer:
             self._answers.append((self._size, self._size + len(ids)))
-        if not ids:
+        if len(ids) == 0:
             return
         if self._file is None:
             self._file = open(self.folder / self._name, "wb")  # noqa: SIM115 (until end_shard)

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
+import numpy as np
+
 
 class ByteTokenizer:
     """Every UTF-8 byte is a token, plus end-of-document and padding."""
@@ -26,6 +28,11 @@ class ByteTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """`encode` as an array, without a Python int per byte (the data stage's path: a view
+        of the UTF-8 bytes, about 100 times faster than building the list)."""
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
 
     def with_bos(self, ids: Sequence[int]) -> list[int]:
         return list(ids)
@@ -82,6 +89,9 @@ class HFTokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Ids of `text`; with special tokens as transformers adds them to a whole text."""
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self.encode(text), dtype=np.int64)
 
     def with_bos(self, ids: Sequence[int]) -> list[int]:
         """`ids` with the BOS token transformers starts a text with, if there is one."""
