@@ -209,6 +209,7 @@ def cmd_throughput(args: argparse.Namespace) -> int:
         header,
     ]
     print(header, flush=True)
+    out = benchmark_path(args, f"throughput-{slug(device_name(device))}")
     rows = []
     for spec in specs:
         for row in benchmark([spec], args.peak_tflops):
@@ -229,9 +230,8 @@ def cmd_throughput(args: argparse.Namespace) -> int:
                 f"{row['peak_tflops']:>12.4g} {row['peak_source']:<9}"
             )
             print(lines[-1], flush=True)
-    lines.append("```")
-    out = benchmark_path(args, f"throughput-{slug(device_name(device))}")
-    write_benchmark(rows, out, lines)
+        write_benchmark(rows, out, [*lines, "```"])  # after each model: a killed run keeps them
+    print(f"wrote {out}.parquet and {out}.md")
     return 0
 
 
@@ -269,9 +269,11 @@ def cmd_ops(args: argparse.Namespace) -> int:
         lines.append(line)
         print(line, flush=True)
 
-    rows = op_rows(models, args.contexts, args.modes, device, dtype, args.repeats, log)
-    lines.append("```")
-    write_benchmark(rows, benchmark_path(args, f"ops-{slug(device_name(device))}"), lines)
+    out, rows = benchmark_path(args, f"ops-{slug(device_name(device))}"), []
+    for key, model in models.items():
+        rows += op_rows({key: model}, args.contexts, args.modes, device, dtype, args.repeats, log)
+        write_benchmark(rows, out, [*lines, "```"])  # after each model: a killed run keeps them
+    print(f"wrote {out}.parquet and {out}.md")
     return 0
 
 
@@ -301,7 +303,6 @@ def write_benchmark(rows: list[dict], out: Path, lines: list[str]) -> None:
         pq.write_table(pa.Table.from_pylist(rows), tmp)
     with atomic_path(out.with_suffix(".md")) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out.with_suffix('.parquet')} and {out.with_suffix('.md')}")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ CUDA=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))')
 if [ "$CUDA" = 1 ]; then
   TABLES=results/benchmarks
   REPLACE=--replace
-  SIZES=${SIZES:-500M 1.5B} CONTEXTS=${CONTEXTS:-8192 32768}
+  SIZES=${SIZES:-1.5B 500M} CONTEXTS=${CONTEXTS:-8192 32768}  # the targets are at 1.5B: first
   OP_SIZES=${OP_SIZES:-1.5B} OP_CONTEXTS=${OP_CONTEXTS:-8192 32768}
 else
   TABLES=${OUT:-$(mktemp -d)}
