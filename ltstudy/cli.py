@@ -245,11 +245,11 @@ def cmd_ops(args: argparse.Namespace) -> int:
     device = pick_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     settings = default_settings()["model"]
-    models = {
-        f"{variant}/{size}": resolve_model(variant, size, settings, context=max(args.contexts))
+    models = [  # resolved first: a bad size fails before anything is timed
+        (size, resolve_model(variant, size, settings, context=max(args.contexts)))
         for size in args.sizes
         for variant in args.variants
-    }
+    ]
     lines = [
         f"# each op's fast path against its torch reference on {device_name(device)} "
         f"({str(dtype).removeprefix('torch.')}, batch 1)",
@@ -270,8 +270,8 @@ def cmd_ops(args: argparse.Namespace) -> int:
         print(line, flush=True)
 
     out, rows = benchmark_path(args, f"ops-{slug(device_name(device))}"), []
-    for key, model in models.items():
-        rows += op_rows({key: model}, args.contexts, args.modes, device, dtype, args.repeats, log)
+    for size, model in models:
+        rows += op_rows(model, size, args.contexts, args.modes, device, dtype, args.repeats, log)
         write_benchmark(rows, out, [*lines, "```"])  # after each model: a killed run keeps them
     print(f"wrote {out}.parquet and {out}.md")
     return 0

@@ -109,7 +109,8 @@ def time_op(op: Op, kernels: str, mode: str, device: torch.device, repeats: int)
 
 
 def op_rows(
-    models: Mapping[str, Mapping[str, Any]],
+    model: Mapping[str, Any],
+    size: str,
     contexts: Sequence[int],
     modes: Sequence[str],
     device: torch.device,
@@ -117,36 +118,34 @@ def op_rows(
     repeats: int = 3,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """One row per (size, op, context, mode): reference and fast milliseconds and their ratio.
-    `models` maps "<variant>/<size>" to a model config."""
+    """One row per (op, context, mode) of a model config (its variant at `size`): reference and
+    fast milliseconds and their ratio."""
     rows = []
-    for key, model in models.items():
-        for context in contexts:
-            for op_name, (fast_name, op) in op_cases(model, context, device, dtype).items():
-                for mode in modes:
-                    variant, size = key.split("/")
-                    row = {
-                        "op": op_name,
-                        "variant": variant,
-                        "size": size,
-                        "context": context,
-                        "mode": mode,
-                        "fast_path": fast_name,
-                        "device": device.type,
-                        "dtype": str(dtype).removeprefix("torch."),
-                    }
-                    row["reference_ms"] = 1e3 * time_op(op, "reference", mode, device, repeats)
-                    row["fast_ms"] = row["ratio"] = None
-                    if device.type == "cuda":
-                        try:
-                            row["fast_ms"] = 1e3 * time_op(op, "triton", mode, device, repeats)
-                            row["ratio"] = row["reference_ms"] / row["fast_ms"]
-                        except (RuntimeError, ImportError) as err:  # a library missing
-                            row["fast_path"] += f" (failed: {str(err).splitlines()[0][:80]})"
-                    rows.append(row)
-                    log(format_row(row))
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+    for context in contexts:
+        for op_name, (fast_name, op) in op_cases(model, context, device, dtype).items():
+            for mode in modes:
+                row = {
+                    "op": op_name,
+                    "variant": model["variant"],
+                    "size": size,
+                    "context": context,
+                    "mode": mode,
+                    "fast_path": fast_name,
+                    "device": device.type,
+                    "dtype": str(dtype).removeprefix("torch."),
+                }
+                row["reference_ms"] = 1e3 * time_op(op, "reference", mode, device, repeats)
+                row["fast_ms"] = row["ratio"] = None
+                if device.type == "cuda":
+                    try:
+                        row["fast_ms"] = 1e3 * time_op(op, "triton", mode, device, repeats)
+                        row["ratio"] = row["reference_ms"] / row["fast_ms"]
+                    except (RuntimeError, ImportError) as err:  # a library missing
+                        row["fast_path"] += f" (failed: {str(err).splitlines()[0][:80]})"
+                rows.append(row)
+                log(format_row(row))
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     return rows
 
 
